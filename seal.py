@@ -1,0 +1,298 @@
+"""Seal: a frozen speech encoder, a trainable projector, a frozen language model.
+
+    waveform --HuBERT (frozen)--> frames (B, T, 768) --Projector--> soft tokens (B, T/k, C_lm)
+    soft tokens are spliced into the LM's input embeddings, next to ordinary text tokens.
+
+The LM never learns anything: it is asked to treat a span of soft tokens exactly as it treats
+the transcript of that speech. We train the projector so that the LM's next-token distributions
+match in these two prompts (REFERENCE.md, "The method"):
+
+    teacher:  [t] [sep] [o]            t = transcript tokens, sep = separator text, o = target text
+    student:  [speech(s)] [sep] [o]
+    loss   =  mean over the positions that predict o of KL(teacher || student) over the vocabulary
+
+With o = t (the default) the LM must *copy* the transcript after the separator, which it can only
+do from the student prompt if the soft tokens carry the words: this is the induction-head skill
+that in-context learning needs. The PSRT baseline instead trains [speech] [sep] [t] with
+next-token cross-entropy on t (speech recognition through the LM).
+
+Both prompts, and the few-shot prompts of fewshot.py (k x ([speech_i] [sep] [label_i]) + query),
+are built by one function, `build_prompt`, from a list of *segments* per example: a text segment is
+a list of token ids, a speech segment is a (L, C_lm) tensor of soft tokens. It returns right-padded
+input embeddings, the attention mask and where every segment landed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decoder import save_safetensors, load_safetensors
+from projector import Projector, ProjectorConfig, ce_loss, fused_kl_loss
+
+# A text segment is a sequence of token ids (list or 1-D long tensor); a speech segment is a
+# 2-D float tensor (L, C_lm) of soft tokens, usually produced by Seal.speech_embeds.
+Segment = Union[Sequence[int], torch.Tensor]
+
+CHECKPOINT_FORMAT = "seal-projector-v1"  # stored in the safetensors metadata, checked on load
+
+
+# -----------------------------------------------------------------------------
+# Prompts built from segments
+
+
+@dataclass
+class Prompt:
+    embeds: torch.Tensor  # (B, T, C) input embeddings, right-padded with zeros
+    attention_mask: torch.Tensor  # (B, T) bool, True = real position
+    position_ids: torch.Tensor  # (B, T) 0, 1, 2, ... in every row (padding sits at the end)
+    starts: torch.Tensor  # (B, S) index in the row where segment s begins
+    lengths: torch.Tensor  # (B, S) its length (0 for a row with fewer segments)
+
+    def positions(self, seg: int) -> torch.Tensor:
+        """Flat indices into (B * T) of segment `seg`'s positions, row by row."""
+        return self._span(seg, shift=0)
+
+    def predicting(self, seg: int) -> torch.Tensor:
+        """Flat indices into (B * T) of the positions whose *next* token is in segment `seg`.
+
+        A causal LM's output at position i predicts token i + 1, so these are the segment's
+        positions shifted left by one. The segment's first token is predicted by the last
+        position of the segment before it, hence `seg` must not start a row.
+        """
+        if bool(((self.starts[:, seg] == 0) & (self.lengths[:, seg] > 0)).any()):
+            raise ValueError(f"Prompt.predicting: segment {seg} starts a row; nothing predicts its first token")
+        return self._span(seg, shift=-1)
+
+    def _span(self, seg: int, shift: int) -> torch.Tensor:
+        B, T = self.attention_mask.shape
+        L = self.lengths[:, seg]  # (B,)
+        row = torch.repeat_interleave(torch.arange(B, device=L.device), L)  # (N,)
+        first = torch.repeat_interleave(self.starts[:, seg] + shift, L)  # (N,)
+        offset = torch.arange(int(L.sum()), device=L.device) - torch.repeat_interleave(L.cumsum(0) - L, L)
+        return row * T + first + offset
+
+
+def _is_speech(seg: Segment) -> bool:
+    return isinstance(seg, torch.Tensor) and seg.is_floating_point()
+
+
+def build_prompt(rows: Sequence[Sequence[Segment]], wte: nn.Embedding) -> Prompt:
+    """Concatenate each row's segments into LM input embeddings; right-pad the batch.
+
+    Text segments are embedded with the LM's token embedding `wte` (all of them in one lookup);
+    speech segments are used as given (their gradient flows back to the projector). Positions are
+    0..len-1 in every row and padding sits at the end, so a causal LM's real positions never see
+    padding, and an example gives the same result alone or in a batch.
+    """
+    device, dtype = wte.weight.device, wte.weight.dtype
+    n_seg = max((len(r) for r in rows), default=0)
+    text = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for r in rows for s in r if not _is_speech(s)]
+    text_embeds = iter(wte(torch.cat(text).to(device)).split([len(t) for t in text]) if text else ())
+    lengths = torch.zeros(len(rows), n_seg, dtype=torch.long)
+    row_embeds = []
+    for b, row in enumerate(rows):
+        pieces = []
+        for s, seg in enumerate(row):
+            if _is_speech(seg):
+                if seg.dim() != 2 or seg.shape[1] != wte.weight.shape[1]:
+                    raise ValueError(f"build_prompt: speech segment must be (L, {wte.weight.shape[1]}), got {tuple(seg.shape)}")
+                piece = seg.to(device=device, dtype=dtype)
+            else:
+                piece = next(text_embeds)
+            pieces.append(piece)
+            lengths[b, s] = piece.shape[0]
+        row_embeds.append(torch.cat(pieces) if pieces else wte.weight.new_zeros(0, wte.weight.shape[1]))
+    embeds = nn.utils.rnn.pad_sequence(row_embeds, batch_first=True)  # (B, T, C), zeros on the right
+    T = embeds.shape[1]
+    row_len = lengths.sum(1).to(device)
+    positions = torch.arange(T, device=device)
+    return Prompt(
+        embeds=embeds,
+        attention_mask=positions[None, :] < row_len[:, None],
+        position_ids=positions[None, :].expand(len(rows), T),
+        starts=(lengths.cumsum(1) - lengths).to(device),
+        lengths=lengths.to(device),
+    )
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class SealConfig:
+    encoder: str = ""  # name or path the encoder was loaded from (checked when loading a projector)
+    lm: str = ""  # name or path of the LM
+    encoder_layer: int = -1  # which encoder layer feeds the projector: -1 = the last, 0 = before layer 1
+    separator: str = " =>"  # text between the speech (or transcript) and o
+    loss: str = "kl"  # "kl" (Seal) or "ce" (PSRT)
+    temperature: float = 1.0  # KL temperature T
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.projector, dict):
+            self.projector = ProjectorConfig(**self.projector)
+        if self.loss not in ("kl", "ce"):
+            raise ValueError(f"SealConfig.loss: expected 'kl' or 'ce', got {self.loss!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Seal(nn.Module):
+    def __init__(self, encoder: nn.Module, projector: Projector, decoder: nn.Module, tokenizer=None,
+                 config: SealConfig | None = None):
+        super().__init__()
+        self.config = config or SealConfig(projector=projector.config)
+        self.encoder, self.projector, self.decoder = encoder, projector, decoder
+        self.tokenizer = tokenizer
+        # Only the projector learns. Frozen modules stay in eval mode (no dropout) for good: see train().
+        for frozen in (encoder, decoder):
+            frozen.requires_grad_(False).eval()
+        lm_width = decoder.wte.weight.shape[1]
+        if projector.config.out_dim != lm_width:
+            raise ValueError(f"Seal: projector out_dim {projector.config.out_dim} != LM width {lm_width}")
+        self.sep_ids: list[int] = list(tokenizer.encode(self.config.separator)) if tokenizer is not None else []
+
+    def train(self, mode: bool = True) -> "Seal":
+        super().train(mode)
+        self.encoder.eval()
+        self.decoder.eval()
+        return self
+
+    # --- speech -> soft tokens
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen encoder: wav (B, S) -> features (B, T, C_enc) of config.encoder_layer, frame lengths (B,)."""
+        if self.config.encoder_layer == -1:
+            feats, frame_lengths = self.encoder(wav, lengths)[:2]
+        else:
+            _, frame_lengths, layers = self.encoder(wav, lengths, output_hidden_states=True)
+            feats = layers[self.config.encoder_layer]
+        return feats, frame_lengths
+
+    def speech_embeds(self, feats: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Projector on a padded batch of features; one (L_i, C_lm) soft-token tensor per example."""
+        soft, soft_lengths = self.projector(feats, lengths)  # (B, T', C_lm), (B,)
+        return [soft[b, :n] for b, n in enumerate(soft_lengths.tolist())]
+
+    # --- the LM on prompts
+
+    def prompt(self, rows: Sequence[Sequence[Segment]]) -> Prompt:
+        return build_prompt(rows, self.decoder.wte)
+
+    def hidden(self, prompt: Prompt) -> torch.Tensor:
+        """Final (post-LayerNorm) hidden states (B, T, C) of the LM on a prompt."""
+        # Right padding + causal attention: real positions never attend to padding, so no mask is
+        # needed here (and without one, attention can take the fast causal kernel).
+        return self.decoder(inputs_embeds=prompt.embeds, return_hidden=True)
+
+    def _target_hidden(self, first: Sequence[Segment], targets: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Hidden states (N, C) at the positions predicting each row's target, for rows [first][sep][target]."""
+        prompt = self.prompt([[f, self.sep_ids, o] for f, o in zip(first, targets)])
+        if not self.sep_ids:
+            raise ValueError("Seal: empty separator; give the Seal a tokenizer and a non-empty config.separator")
+        h = self.hidden(prompt)
+        return h.reshape(-1, h.shape[-1])[prompt.predicting(2)]
+
+    @torch.no_grad()
+    def teacher_hidden(self, text_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """Teacher: frozen LM on [t][sep][o]; hidden states (N, C) at the positions predicting o."""
+        return self._target_hidden([list(t) for t in text_ids], target_ids if target_ids is not None else text_ids)
+
+    def student_hidden(self, speech: Sequence[torch.Tensor], target_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Student: frozen LM on [speech][sep][o]; hidden states (N, C) at the positions predicting o."""
+        return self._target_hidden(list(speech), target_ids)
+
+    def loss(
+        self,
+        feats: torch.Tensor,
+        lengths: torch.Tensor,
+        text_ids: Sequence[Sequence[int]],
+        target_ids: Sequence[Sequence[int]] | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, int]:
+        """The training loss on a batch of encoder features, and the number of target tokens.
+
+        kl: fused KL(teacher || student) on the positions predicting o (default o = t). Pass
+            `teacher_hidden` (N, C) to reuse cached teacher states instead of running the teacher.
+        ce: PSRT, cross-entropy of t after [speech][sep].
+        reduction "sum" lets the caller normalize by a token count spanning several micro-batches.
+        """
+        targets = target_ids if target_ids is not None else text_ids
+        if self.config.loss == "ce":
+            targets = text_ids  # PSRT always predicts the transcript
+        h_s = self.student_hidden(self.speech_embeds(feats, lengths), targets)  # (N, C)
+        n = h_s.shape[0]
+        W = self.decoder.wte.weight  # (V, C) tied LM head
+        if self.config.loss == "kl":
+            h_t = teacher_hidden if teacher_hidden is not None else self.teacher_hidden(text_ids, targets)
+            loss = fused_kl_loss(h_s, h_t.to(h_s.device), W, temperature=self.config.temperature, reduction=reduction)
+        else:
+            y = torch.cat([torch.as_tensor(o, dtype=torch.long) for o in targets]).to(h_s.device)  # (N,)
+            loss = ce_loss(h_s @ W.T, y)
+            loss = loss * n if reduction == "sum" else loss
+        return loss, n
+
+    @torch.no_grad()
+    def top1(self, hidden: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+        """Argmax token (N,) of the tied LM head on hidden states (N, C), a chunk of tokens at a time."""
+        W = self.decoder.wte.weight
+        return torch.cat([(h.to(W.dtype) @ W.T).argmax(-1) for h in hidden.split(chunk_size)]) if len(hidden) else \
+            torch.zeros(0, dtype=torch.long, device=hidden.device)
+
+    # --- checkpoints: only the projector, plus the config naming what it was trained with
+
+    def save_projector(self, path: str | Path) -> None:
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+        meta = {"format": CHECKPOINT_FORMAT, "seal_config": json.dumps(self.config.to_dict())}
+        save_safetensors(state, str(path), metadata=meta)
+
+    def load_projector(self, path: str | Path) -> None:
+        """Load projector weights, refusing a checkpoint trained for another encoder, layer or LM."""
+        config, state = read_projector(path)
+        for key in ("encoder", "encoder_layer", "lm"):
+            expected, actual = getattr(self.config, key), getattr(config, key)
+            if expected != actual:
+                raise ValueError(
+                    f"{path}: projector was trained with {key}={actual!r}, but this Seal uses {key}={expected!r}"
+                )
+        if config.projector != self.projector.config:
+            raise ValueError(f"{path}: projector config {config.projector} != this Seal's {self.projector.config}")
+        self.projector.load_state_dict(state)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Seal":
+        """Rebuild a Seal from a projector checkpoint: loads the encoder and LM it names."""
+        from decoder import GPT, load_tokenizer
+        from encoder import HuBERT
+
+        config, state = read_projector(path)
+        projector = Projector(config.projector)
+        projector.load_state_dict(state)
+        return cls(HuBERT.from_pretrained(config.encoder), projector, GPT.from_pretrained(config.lm),
+                   load_tokenizer(config.lm), config)
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` dict of a safetensors file's JSON header (u64 length, then the header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
+def read_projector(path: str | Path) -> tuple[SealConfig, dict[str, torch.Tensor]]:
+    """(SealConfig, projector state_dict) from a checkpoint written by Seal.save_projector."""
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != CHECKPOINT_FORMAT or "seal_config" not in meta:
+        raise ValueError(f"{path}: not a Seal projector checkpoint (metadata 'format' is {meta.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    return SealConfig(**json.loads(meta["seal_config"])), load_safetensors(str(path))

@@ -1,0 +1,124 @@
+"""Seal: prompt building from segments, teacher/student losses, freezing, projector checkpoints."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decoder import GPT, GPTConfig
+from encoder import HuBERT, HuBERTConfig
+from projector import Projector, ProjectorConfig, kl_loss
+from seal import Seal, SealConfig, build_prompt
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (enough to exercise the plumbing)."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 100 + 1 for c in text]
+
+
+def tiny_seal(loss: str = "kl", encoder_layer: int = -1) -> Seal:
+    lm = GPT(GPTConfig.preset("gpt2-tiny"))
+    enc = HuBERT(HuBERTConfig.preset("hubert-tiny"))
+    proj = Projector(ProjectorConfig(in_dim=64, out_dim=64, rate=2, hidden_dim=32))
+    cfg = SealConfig(encoder="tiny-hubert", lm="tiny-lm", encoder_layer=encoder_layer, loss=loss,
+                     projector=proj.config)
+    return Seal(enc, proj, lm, CharTokenizer(), cfg)
+
+
+def test_build_prompt_layout_and_batch_equals_items():
+    seal = tiny_seal()
+    speech = torch.randn(3, 64)
+    rows = [[[5, 6], speech, [7]], [[8], [9, 10, 11]]]
+    p = seal.prompt(rows)
+    assert p.embeds.shape == (2, 6, 64)
+    assert p.attention_mask.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert p.starts.tolist() == [[0, 2, 5], [0, 1, 4]] and p.lengths.tolist() == [[2, 3, 1], [1, 3, 0]]
+    torch.testing.assert_close(p.embeds[0, 2:5], speech)
+    torch.testing.assert_close(p.embeds[1, 1:4], seal.decoder.wte.weight[[9, 10, 11]])
+    assert (p.embeds[1, 4:] == 0).all() and p.position_ids[1].tolist() == list(range(6))
+    # positions predicting segment 1: the position before each of its tokens
+    assert p.predicting(1).tolist() == [1, 2, 3, 6 + 0, 6 + 1, 6 + 2]
+    assert p.positions(2).tolist() == [5]
+    with pytest.raises(ValueError, match="starts a row"):
+        p.predicting(0)
+    # a row gives the same hidden states alone as in the padded batch
+    h = seal.hidden(p)
+    for b, row in enumerate(rows):
+        alone = seal.hidden(seal.prompt([row]))
+        n = alone.shape[1]
+        torch.testing.assert_close(h[b, :n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_student_with_text_embeddings_equals_teacher():
+    seal = tiny_seal()
+    texts = [CharTokenizer().encode(t) for t in ["turn on the lights", "stop"]]
+    # if the "speech" soft tokens are exactly the transcript's token embeddings, student == teacher
+    speech = [seal.decoder.wte.weight[t] for t in texts]
+    h_s, h_t = seal.student_hidden(speech, texts), seal.teacher_hidden(texts)
+    assert h_s.shape == (sum(map(len, texts)), 64)
+    torch.testing.assert_close(h_s, h_t)
+    # and the teacher's positions predict o: their logits match a plain forward on the token ids
+    ids = texts[0] + seal.sep_ids + texts[0]
+    logits = seal.decoder(torch.tensor([ids]))[0]  # (T, V)
+    start = len(texts[0]) + len(seal.sep_ids)
+    torch.testing.assert_close(h_t[: len(texts[0])] @ seal.decoder.wte.weight.T, logits[start - 1 : -1],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kl_loss_matches_plain_kl_on_full_logits():
+    seal = tiny_seal()
+    wav, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    texts = [CharTokenizer().encode(t) for t in ["lights on", "music"]]
+    feats, fl = seal.encode(wav, lengths)
+    loss, n = seal.loss(feats, fl, texts)
+    assert n == sum(map(len, texts))
+    W = seal.decoder.wte.weight
+    ref = kl_loss(seal.student_hidden(seal.speech_embeds(feats, fl), texts) @ W.T, seal.teacher_hidden(texts) @ W.T)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_psrt_ce_loss_matches_cross_entropy():
+    seal = tiny_seal(loss="ce")
+    wav = torch.randn(1, 8000)
+    text = CharTokenizer().encode("bring shoes")
+    feats, fl = seal.encode(wav)
+    loss, n = seal.loss(feats, fl, [text])
+    speech = seal.speech_embeds(feats, fl)[0]
+    embeds = torch.cat([speech, seal.decoder.wte.weight[seal.sep_ids + text]])[None]
+    logits = seal.decoder(inputs_embeds=embeds)[0]  # (T, V)
+    ref = F.cross_entropy(logits[-len(text) - 1 : -1], torch.tensor(text))
+    torch.testing.assert_close(loss, ref)
+    assert n == len(text)
+
+
+def test_only_projector_trains_and_frozen_parts_stay_in_eval():
+    seal = tiny_seal(encoder_layer=1)
+    seal.train()
+    assert seal.projector.training and not seal.encoder.training and not seal.decoder.training
+    trainable = {n for n, p in seal.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+    feats, fl = seal.encode(torch.randn(1, 4000))
+    _, _, layers = seal.encoder(torch.randn(1, 4000), output_hidden_states=True)
+    assert feats.shape == layers[1].shape  # encoder_layer=1 selects that layer's output
+
+
+def test_projector_checkpoint_roundtrip_and_mismatch(tmp_path):
+    seal = tiny_seal()
+    path = tmp_path / "projector.safetensors"
+    seal.save_projector(path)
+    other = tiny_seal()
+    other.load_projector(path)
+    for k, v in seal.projector.state_dict().items():
+        assert torch.equal(v, other.projector.state_dict()[k])
+    wrong_lm = tiny_seal()
+    wrong_lm.config.lm = "gpt2"
+    with pytest.raises(ValueError, match=r"lm='tiny-lm'.*lm='gpt2'"):
+        wrong_lm.load_projector(path)
+    wrong_layer = tiny_seal(encoder_layer=1)
+    with pytest.raises(ValueError, match="encoder_layer"):
+        wrong_layer.load_projector(path)
+    junk = tmp_path / "junk.safetensors"
+    from decoder import save_safetensors
+    save_safetensors({"x": torch.zeros(2)}, str(junk))
+    with pytest.raises(ValueError, match="not a Seal projector checkpoint"):
+        seal.load_projector(junk)
