@@ -1,0 +1,742 @@
+"""
+Audio and datasets for Seal: reading and resampling audio, synthetic speech, and the
+datasets the models train and evaluate on.
+
+A speech model sees a waveform: a 1-D float32 tensor of samples in [-1, 1] at 16 kHz, mono.
+Everything in this file exists to turn files on disk (or text, for synthetic speech) into
+exactly that, and to batch such waveforms for the models.
+
+Sections, top to bottom:
+1. Audio files: a WAV reader written with the standard library and numpy (8/16/24/32-bit PCM,
+   32/64-bit float, WAVE_FORMAT_EXTENSIBLE), FLAC through the optional `soundfile`, and checks
+   that turn bad files (empty, truncated, NaN, absurdly long...) into clear errors.
+2. A band-limited resampler (windowed-sinc, polyphase) in torch, so any rate becomes 16 kHz.
+3. Synthetic speech: espeak-ng (shipped by the pip package `espeakng-loader`) called through
+   ctypes. Voices (accent x variant x rate x pitch x gain x noise) play the role of speakers.
+4. Command grammars in our own words: FSC-style (the 31 real (action, object, location)
+   intents) and SLURP-style (scenario_action intents with slots). One grammar feeds both the
+   speech corpus and the text corpus of the micro world, via `iter_commands`.
+5. A generator that writes synthetic FSC and SLURP sets in the exact real on-disk layouts, so
+   the real loaders read them and nothing special-cases synthetic data.
+6. Datasets: FluentSpeechCommands, Slurp, LibriSpeech, Manifest. Every item is a dict
+   {wav, text, label, speaker, path}.
+7. Batching: a length-bucketed batch sampler (seeded, epoch-dependent, shardable across ranks)
+   and `collate`, which pads and returns lengths.
+8. The command line: `python data.py synth --out DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import struct
+import sys
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger("seal.data")
+
+SAMPLE_RATE = 16_000          # every model in Seal consumes 16 kHz mono
+MAX_SECONDS = 60.0            # longer clips are rejected: commands are seconds long, and a
+                              # 10-minute file is almost always a mistake (a whole session)
+MAX_SAMPLES = int(MAX_SECONDS * SAMPLE_RATE)  # 960,000
+ESPEAK_RATE = 22_050          # espeak-ng's native output rate
+
+
+class AudioError(ValueError):
+    """A file that cannot be turned into a valid waveform. The message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Audio files
+# ----------------------------------------------------------------------------------------------
+
+WAVE_FORMAT_PCM = 0x0001
+WAVE_FORMAT_IEEE_FLOAT = 0x0003
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE   # the real format is the first 2 bytes of the SubFormat GUID
+PCM_WIDTHS = (8, 16, 24, 32)      # bits per sample we read as integers
+FLOAT_WIDTHS = (32, 64)
+
+
+@dataclass
+class WavHeader:
+    """What the `fmt ` chunk says, plus where the samples are."""
+    format_tag: int        # WAVE_FORMAT_PCM or WAVE_FORMAT_IEEE_FLOAT (EXTENSIBLE resolved)
+    channels: int
+    sample_rate: int
+    bits: int
+    data_offset: int       # byte offset of the first sample
+    num_frames: int        # samples per channel
+
+
+def _parse_wav_header(path: Path, f) -> WavHeader:
+    """Walk the RIFF chunks. The stdlib `wave` module rejects float WAVs, so we do it ourselves.
+
+    Layout: "RIFF" <u32 size> "WAVE", then chunks of <4-byte id> <u32 size> <payload, padded to
+    even length>. We need `fmt ` (format) and `data` (samples); everything else is skipped.
+    """
+    riff = f.read(12)
+    if len(riff) == 0:
+        raise AudioError(f"{path}: empty file")
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        raise AudioError(f"{path}: not a WAV file (expected a 'RIFF....WAVE' header, got {riff[:12]!r})")
+    fmt = None
+    file_size = os.fstat(f.fileno()).st_size
+    while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            raise AudioError(f"{path}: truncated or corrupt WAV: no 'data' chunk found")
+        cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if cid == b"fmt ":
+            body = f.read(size + (size & 1))
+            if size < 16 or len(body) < 16:
+                raise AudioError(f"{path}: corrupt WAV: 'fmt ' chunk of {size} bytes (expected >= 16)")
+            tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == WAVE_FORMAT_EXTENSIBLE:
+                if size < 40:
+                    raise AudioError(f"{path}: corrupt WAV: extensible 'fmt ' chunk of {size} bytes (expected 40)")
+                tag = struct.unpack("<H", body[24:26])[0]  # SubFormat GUID starts with the tag
+            fmt = (tag, channels, rate, bits, block_align)
+        elif cid == b"data":
+            if fmt is None:
+                raise AudioError(f"{path}: corrupt WAV: 'data' chunk before the 'fmt ' chunk")
+            tag, channels, rate, bits, block_align = fmt
+            if tag == WAVE_FORMAT_PCM and bits not in PCM_WIDTHS or \
+               tag == WAVE_FORMAT_IEEE_FLOAT and bits not in FLOAT_WIDTHS:
+                raise AudioError(f"{path}: unsupported sample width {bits} bits for "
+                                 f"{'PCM' if tag == WAVE_FORMAT_PCM else 'float'} "
+                                 f"(supported: PCM {PCM_WIDTHS}, float {FLOAT_WIDTHS})")
+            if tag not in (WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT):
+                raise AudioError(f"{path}: unsupported WAV encoding 0x{tag:04x} (only PCM and IEEE float)")
+            if channels < 1 or rate < 1 or block_align != channels * bits // 8:
+                raise AudioError(f"{path}: corrupt WAV header: channels={channels} rate={rate} "
+                                 f"block_align={block_align} bits={bits}")
+            offset = f.tell()
+            available = file_size - offset
+            if size > available:
+                raise AudioError(f"{path}: truncated WAV: header declares {size} bytes of samples, "
+                                 f"file holds {available}")
+            if size % block_align:
+                raise AudioError(f"{path}: truncated WAV: {size} bytes of samples is not a whole "
+                                 f"number of {block_align}-byte frames")
+            return WavHeader(tag, channels, rate, bits, offset, size // block_align)
+        else:
+            f.seek(size + (size & 1), os.SEEK_CUR)
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read a WAV file. Returns (samples (frames, channels) float32 in [-1, 1], sample_rate)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        h = _parse_wav_header(path, f)
+        f.seek(h.data_offset)
+        raw = f.read(h.num_frames * h.channels * h.bits // 8)
+    if h.format_tag == WAVE_FORMAT_IEEE_FLOAT:
+        x = np.frombuffer(raw, dtype="<f4" if h.bits == 32 else "<f8").astype(np.float32)
+    elif h.bits == 8:   # 8-bit WAV is unsigned, centred on 128
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif h.bits == 24:  # 3 little-endian bytes: place them in the top of an int32, low byte 0
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
+        x32 = np.zeros((b.shape[0], 4), dtype=np.uint8)
+        x32[:, 1:] = b
+        x = x32.view("<i4").reshape(-1).astype(np.float32) / 2.0**31
+    else:               # 16 or 32-bit signed
+        x = np.frombuffer(raw, dtype=f"<i{h.bits // 8}").astype(np.float32) / 2.0 ** (h.bits - 1)
+    return x.reshape(-1, h.channels), h.sample_rate
+
+
+def write_wav(path: str | Path, wav: torch.Tensor | np.ndarray, sr: int = SAMPLE_RATE,
+              bits: int = 16, float_format: bool = False) -> None:
+    """Write a mono (S,) or multi-channel (S, C) waveform in [-1, 1] as a WAV file.
+
+    PCM at 8/16/24/32 bits (default 16, like FSC), or IEEE float at 32/64 bits when
+    `float_format`. Values outside [-1, 1] are clipped for PCM.
+    """
+    x = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
+    x = x.reshape(x.shape[0], -1).astype(np.float64)   # (S, C)
+    channels = x.shape[1]
+    if float_format:
+        if bits not in FLOAT_WIDTHS:
+            raise ValueError(f"float WAV needs bits in {FLOAT_WIDTHS}, got {bits}")
+        data, tag = x.astype("<f4" if bits == 32 else "<f8").tobytes(), WAVE_FORMAT_IEEE_FLOAT
+    else:
+        if bits not in PCM_WIDTHS:
+            raise ValueError(f"PCM WAV needs bits in {PCM_WIDTHS}, got {bits}")
+        scale = 2.0 ** (bits - 1)
+        q = np.clip(np.round(x * scale), -scale, scale - 1).astype(np.int64)
+        if bits == 8:
+            data = (q + 128).astype(np.uint8).tobytes()
+        elif bits == 24:
+            data = q.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+        else:
+            data = q.astype(f"<i{bits // 8}").tobytes()
+        tag = WAVE_FORMAT_PCM
+    block_align = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", tag, channels, sr, sr * block_align, block_align, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + \
+        b"data" + struct.pack("<I", len(data)) + data + b"\0" * (len(data) & 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def _soundfile():
+    try:
+        import soundfile
+    except ImportError as e:  # FLAC is optional: only SLURP and LibriSpeech need it
+        raise ImportError("reading/writing FLAC needs the optional package 'soundfile': "
+                          "pip install soundfile") from e
+    return soundfile
+
+
+def audio_info(path: str | Path) -> tuple[int, int]:
+    """(num_frames, sample_rate) from the file header only, without decoding the samples."""
+    path = Path(path)
+    if path.suffix.lower() == ".wav":
+        with open(path, "rb") as f:
+            h = _parse_wav_header(path, f)
+        return h.num_frames, h.sample_rate
+    sf = _soundfile()
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises its own LibsndfileError / RuntimeError
+        raise AudioError(f"{path}: cannot read audio header: {e}") from e
+    return info.frames, info.samplerate
+
+
+def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> torch.Tensor:
+    """Read a WAV or FLAC (or anything soundfile reads) file as a 1-D float32 tensor at `sr`.
+
+    Stereo is mixed down to mono (mean of the channels). Raises AudioError naming the file for
+    an empty, truncated or corrupt file, NaN/Inf samples, or a clip that is empty or longer than
+    MAX_SECONDS.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+    if path.suffix.lower() == ".wav":
+        x, file_sr = read_wav(path)
+    else:
+        sf = _soundfile()
+        try:
+            x, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+        except Exception as e:
+            raise AudioError(f"{path}: cannot decode audio: {e}") from e
+    x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]   # (S,)
+    check_waveform(x, file_sr, path)
+    wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return resample(wav, file_sr, sr) if file_sr != sr else wav
+
+
+def check_waveform(x: np.ndarray | torch.Tensor, sr: int, path: str | Path) -> None:
+    """Reject waveforms the models must never see: empty, too long, or non-finite."""
+    n = len(x)
+    if n == 0:
+        raise AudioError(f"{path}: zero-length clip (no samples)")
+    if n > MAX_SECONDS * sr:
+        raise AudioError(f"{path}: clip of {n / sr:.1f} s is longer than MAX_SECONDS = {MAX_SECONDS:g} s")
+    finite = np.isfinite(x) if isinstance(x, np.ndarray) else torch.isfinite(x).numpy()
+    if not finite.all():
+        raise AudioError(f"{path}: {int((~finite).sum())} NaN/Inf samples (first at sample "
+                         f"{int(np.argmin(finite))})")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Resampling
+# ----------------------------------------------------------------------------------------------
+#
+# Changing the rate from `orig` to `new` Hz means evaluating the band-limited signal behind the
+# samples at new instants. Ideal band-limited interpolation convolves with a sinc; we truncate
+# the sinc to `RESAMPLE_ZEROS` zero crossings per side and taper it with a Kaiser window. The
+# cutoff sits at RESAMPLE_ROLLOFF x the lower Nyquist, so that content above the *new* Nyquist
+# (which would alias when downsampling) is removed.
+#
+# Polyphase trick: reduce the ratio by the gcd (22,050 -> 16,000 becomes 441 -> 320). Output
+# sample m sits at input time m * orig / new. Writing m = b * new + j, every block b of `new`
+# outputs starts at input sample b * orig, and output j of a block needs the filter shifted by
+# the fractional offset j * orig / new, which is the same for every block. So there are only
+# `new` distinct filters (phases), and one strided conv1d with `new` output channels computes
+# all blocks at once: (N, 1, S) -> (N, new, blocks), interleaved to (N, blocks * new).
+
+RESAMPLE_ZEROS = 24         # sinc zero crossings kept on each side of the centre
+RESAMPLE_ROLLOFF = 0.945    # cutoff as a fraction of the lower Nyquist frequency
+RESAMPLE_BETA = 8.0         # Kaiser window shape: ~80 dB sidelobes; transition ~0.12 x Nyquist
+
+
+@lru_cache(maxsize=32)
+def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
+    """Polyphase filter bank for a gcd-reduced ratio orig -> new. Returns (kernel (new, 1, K), pad)."""
+    cutoff = min(orig, new) * RESAMPLE_ROLLOFF / 2 / orig    # cycles per input sample
+    half = RESAMPLE_ZEROS / (2 * cutoff)                      # half-width in input samples
+    pad = math.ceil(half)
+    # Kernel tap k of phase j touches input sample (b * orig - pad + k); its distance from the
+    # output instant (b * orig + j * orig / new) is t = k - pad - j * orig / new.
+    k = torch.arange(2 * pad + orig, dtype=torch.float64)
+    j = torch.arange(new, dtype=torch.float64)[:, None]
+    t = k - pad - j * orig / new                              # (new, K)
+    h = 2 * cutoff * torch.sinc(2 * cutoff * t)               # ideal low-pass, unit DC gain
+    inside = (t.abs() <= half)
+    w = torch.special.i0(RESAMPLE_BETA * torch.sqrt((1 - (t / half) ** 2).clamp(min=0)))
+    w = w / torch.special.i0(torch.tensor(RESAMPLE_BETA, dtype=torch.float64))
+    return (h * w * inside)[:, None, :], pad                  # (new, 1, K)
+
+
+def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torch.Tensor:
+    """Band-limited resampling of (..., S) from orig_sr to new_sr along the last dim.
+
+    The output has ceil(S * new_sr / orig_sr) samples. Float64 inputs stay float64; anything
+    else is computed in float32.
+    """
+    if orig_sr == new_sr:
+        return wav
+    if orig_sr <= 0 or new_sr <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig_sr} -> {new_sr}")
+    g = math.gcd(orig_sr, new_sr)
+    orig, new = orig_sr // g, new_sr // g
+    kernel, pad = _sinc_kernel(orig, new)
+    dtype = torch.float64 if wav.dtype == torch.float64 else torch.float32
+    shape, S = wav.shape[:-1], wav.shape[-1]
+    x = wav.reshape(-1, 1, S).to(dtype)                       # (N, 1, S)
+    x = torch.nn.functional.pad(x, (pad, pad + orig))
+    y = torch.nn.functional.conv1d(x, kernel.to(dtype=dtype, device=wav.device), stride=orig)  # (N, new, blocks)
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)             # (N, blocks * new), interleaved
+    out_len = math.ceil(S * new / orig)
+    return y[:, :out_len].reshape(*shape, out_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Synthetic speech (espeak-ng through ctypes)
+# ----------------------------------------------------------------------------------------------
+#
+# espeak-ng is a formant synthesizer: small, fast (a few ms per command) and offline. The pip
+# package `espeakng-loader` ships the shared library and its voice data, so no system install
+# is needed. We drive the C API directly:
+#   espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, ...)  -> returns the output rate (22,050 Hz)
+#   espeak_SetSynthCallback(cb)                        -> cb receives int16 sample blocks
+#   espeak_SetVoiceByName("en-us+m3"), espeak_SetParameter(RATE / PITCH / RANGE, value)
+#   espeak_Synth(text) then espeak_Synchronize()       -> blocks until all samples are out
+#
+# Determinism. espeak-ng keeps hidden state between utterances (e.g. a function-static pitch
+# "flutter" phase, and libc rand() for noise sources), so the same text and voice rendered twice
+# in one process gives slightly different samples (measured here: lengths differing by ~10
+# samples, waveforms diverging after ~90 ms). We therefore render every utterance in a fresh
+# fork of a process that initialized espeak but never synthesized, after srand(seed): each
+# render starts from the same state, and output is a pure function of (text, voice, seed). The
+# fork costs ~20 ms; running os.cpu_count() renders at once keeps thousands per minute.
+# Where fork is unavailable (Windows) we render in-process and say that output may vary.
+
+AUDIO_OUTPUT_SYNCHRONOUS = 2                 # espeak_AUDIO_OUTPUT enum
+ESPEAK_RATE_PARAM, ESPEAK_VOLUME_PARAM, ESPEAK_PITCH_PARAM, ESPEAK_RANGE_PARAM = 1, 2, 3, 4
+POS_CHARACTER, ESPEAK_CHARS_UTF8 = 1, 1
+
+ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc",
+           "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "klatt", "klatt2",
+            "klatt3")
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One synthetic speaker: an espeak accent and variant plus prosody and channel settings."""
+    accent: str = "en-us"               # espeak language voice (an English accent)
+    variant: str = "m3"                 # espeak variant file in voices/!v (m1..m7, f1..f4, klatt..)
+    rate: int = 175                     # words per minute (espeak default 175)
+    pitch: int = 50                     # base pitch, 0..100
+    pitch_range: int = 50               # intonation range, 0..100
+    gain: float = 0.9                   # peak-relative loudness after rendering
+    noise_snr_db: float | None = None   # white background noise at this SNR; None = clean
+
+    @property
+    def speaker_id(self) -> str:
+        """A readable, filesystem-safe id that determines the voice, e.g. 'en-us_m3_r175_p50_g90_n20'."""
+        noise = "clean" if self.noise_snr_db is None else f"n{self.noise_snr_db:g}"
+        return (f"{self.accent}_{self.variant}_r{self.rate}_p{self.pitch}_i{self.pitch_range}"
+                f"_g{round(self.gain * 100)}_{noise}")
+
+
+class _Espeak:
+    """The process-global espeak-ng library: initialized once, used under a lock."""
+
+    def __init__(self) -> None:
+        try:
+            import espeakng_loader
+        except ImportError as e:
+            raise ImportError("synthetic speech needs espeak-ng from the pip package "
+                              "'espeakng-loader': pip install espeakng-loader") from e
+        self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.data_path = Path(espeakng_loader.get_data_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        self.rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data_path).encode(), 0)
+        if self.rate != ESPEAK_RATE:
+            raise RuntimeError(f"espeak-ng initialisation failed or reports {self.rate} Hz "
+                               f"(expected {ESPEAK_RATE}); data path {self.data_path}")
+        self._chunks: list[np.ndarray] = []
+        cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self._callback = cb_type(self._on_samples)  # keep a reference: C holds only the pointer
+        lib.espeak_SetSynthCallback(self._callback)
+        self._libc = ctypes.CDLL(None)              # espeak's noise sources use libc rand()
+        self.lock = threading.Lock()
+        self.variants = set(os.listdir(self.data_path / "voices" / "!v"))
+
+    def _on_samples(self, wav, n, events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0                                    # 0 = keep going
+
+    def render(self, text: str, voice: Voice, seed: int) -> np.ndarray:
+        """int16 samples at 22,050 Hz. Call under self.lock (and, for determinism, in a fresh fork)."""
+        self._chunks = []
+        self._libc.srand(seed & 0xFFFFFFFF)
+        if self.lib.espeak_SetVoiceByName(f"{voice.accent}+{voice.variant}".encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice.accent}+{voice.variant}")
+        for param, value in ((ESPEAK_RATE_PARAM, voice.rate), (ESPEAK_PITCH_PARAM, voice.pitch),
+                             (ESPEAK_RANGE_PARAM, voice.pitch_range)):
+            self.lib.espeak_SetParameter(param, value, 0)
+        b = text.encode("utf-8") + b"\0"
+        if self.lib.espeak_Synth(b, len(b), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None) != 0:
+            raise RuntimeError(f"espeak-ng failed to synthesize {text!r}")
+        self.lib.espeak_Synchronize()
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+
+    def render_forked(self, jobs: Sequence[tuple[str, Voice, int]], parallel: int) -> Iterator[np.ndarray]:
+        """Render each job in its own fork (see 'Determinism' above), `parallel` at a time, in order."""
+        if not hasattr(os, "fork"):
+            for text, voice, seed in jobs:
+                yield self.render(text, voice, seed)
+            return
+        pending: list[tuple[int, int]] = []        # (pid, read fd) in job order
+        it = iter(jobs)
+
+        def launch(job) -> None:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:                           # child: render, write raw int16, exit
+                os.close(r)
+                code = 1
+                try:
+                    samples = self.render(*job)
+                    with os.fdopen(w, "wb") as f:
+                        f.write(samples.tobytes())
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            pending.append((pid, r))
+
+        for job in it:
+            launch(job)
+            if len(pending) >= parallel:
+                break
+        while pending:
+            pid, r = pending.pop(0)
+            with os.fdopen(r, "rb") as f:
+                data = f.read()
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise RuntimeError(f"espeak-ng render process failed (wait status {status})")
+            job = next(it, None)
+            if job is not None:
+                launch(job)
+            yield np.frombuffer(data, dtype=np.int16)
+
+
+@lru_cache(maxsize=1)
+def _espeak() -> _Espeak:
+    return _Espeak()
+
+
+def _finish(samples: np.ndarray, voice: Voice, seed: int) -> torch.Tensor:
+    """int16 @ 22,050 Hz -> float32 @ 16 kHz, peak-normalised to `gain`, optional noise."""
+    x = torch.from_numpy(samples.astype(np.float32) / 32768.0)
+    x = resample(x, ESPEAK_RATE, SAMPLE_RATE)
+    peak = x.abs().max().clamp(min=1e-4)
+    x = x * (voice.gain / peak)
+    if voice.noise_snr_db is not None:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x.shape, generator=g)
+        # SNR in dB = 10 log10(P_signal / P_noise): scale unit-power noise to the target power.
+        x = x + noise * x.pow(2).mean().sqrt() * 10 ** (-voice.noise_snr_db / 20)
+        x = x.clamp(-1, 1)
+    return x
+
+
+def _cache_key(text: str, voice: Voice, seed: int) -> str:
+    blob = json.dumps([text, asdict(voice), seed, SAMPLE_RATE, RESAMPLE_ZEROS, RESAMPLE_BETA], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    """$SEAL_CACHE (default ~/.cache/seal), shared with the models' cache."""
+    return Path(os.environ.get("SEAL_CACHE", Path.home() / ".cache" / "seal"))
+
+
+def synthesize_many(jobs: Sequence[tuple[str, Voice, int]], cache_dir: str | Path | None = None,
+                    parallel: int | None = None, progress: bool = False) -> list[torch.Tensor]:
+    """Render [(text, voice, seed), ...] to 16 kHz float32 waveforms, deterministically.
+
+    With `cache_dir`, each result is stored as <cache_dir>/<hash>.npy, keyed by (text, voice,
+    seed); later calls read it back instead of rendering.
+    """
+    from tqdm import tqdm
+    cache = Path(cache_dir) if cache_dir is not None else None
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    todo = []
+    for i, (text, voice, seed) in enumerate(jobs):
+        if not text.strip():
+            raise ValueError(f"job {i}: empty text")
+        f = cache / f"{_cache_key(text, voice, seed)}.npy" if cache else None
+        if f is not None and f.is_file():
+            out[i] = torch.from_numpy(np.load(f))
+        else:
+            todo.append(i)
+    if todo:
+        engine = _espeak()
+        for job in {(jobs[i][1].accent, jobs[i][1].variant) for i in todo}:
+            if job[1] not in engine.variants:
+                raise ValueError(f"unknown espeak variant {job[1]!r} (have {sorted(engine.variants)[:8]}...)")
+        parallel = parallel or os.cpu_count() or 1
+        with engine.lock:
+            rendered = engine.render_forked([jobs[i] for i in todo], parallel)
+            for i, samples in zip(todo, tqdm(rendered, total=len(todo), desc="synthesizing speech",
+                                             unit="utt", disable=not progress)):
+                text, voice, seed = jobs[i]
+                if samples.size == 0:
+                    raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {voice}")
+                out[i] = x = _finish(samples, voice, seed)
+                if cache is not None:
+                    cache.mkdir(parents=True, exist_ok=True)
+                    tmp = cache / f"{_cache_key(text, voice, seed)}.{os.getpid()}.tmp.npy"
+                    np.save(tmp, x.numpy())
+                    os.replace(tmp, cache / f"{_cache_key(text, voice, seed)}.npy")  # atomic
+    return out  # type: ignore[return-value]
+
+
+def synthesize(text: str, voice: Voice = Voice(), seed: int = 0,
+               cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Render one text to a 1-D float32 waveform at 16 kHz."""
+    return synthesize_many([(text, voice, seed)], cache_dir=cache_dir, parallel=1)[0]
+
+
+def make_voices(n: int, seed: int = 0, noise: bool = True,
+                exclude: set[tuple[str, str]] = frozenset()) -> list[Voice]:
+    """n distinct voices with different (accent, variant) pairs, random prosody, some noisy."""
+    rng = random.Random(seed)
+    bases = [(a, v) for a in ACCENTS for v in VARIANTS if (a, v) not in exclude]
+    if n > len(bases):
+        raise ValueError(f"asked for {n} voices, only {len(bases)} (accent, variant) pairs available")
+    rng.shuffle(bases)
+    return [Voice(accent=a, variant=v, rate=rng.randint(140, 210), pitch=rng.randint(30, 70),
+                  pitch_range=rng.randint(30, 80), gain=round(rng.uniform(0.5, 0.95), 2),
+                  noise_snr_db=rng.choice([None, 30.0, 20.0]) if noise else None)
+            for a, v in bases[:n]]
+
+
+def split_voices(n_train: int, n_valid: int, n_test: int, seed: int = 0) -> dict[str, list[Voice]]:
+    """Voices for train/valid/test with disjoint (accent, variant) pairs: unseen speakers at test."""
+    voices = make_voices(n_train + n_valid + n_test, seed)
+    return {"train": voices[:n_train], "valid": voices[n_train:n_train + n_valid],
+            "test": voices[n_train + n_valid:]}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Command grammars
+# ----------------------------------------------------------------------------------------------
+#
+# A grammar is a list of intents, each with a label and many phrasings (templates). Templates
+# may name slots in braces, "{time}"; sampling fills each slot with a random filler of that
+# type. The phrasings are our own; only the label inventories follow the real datasets.
+
+
+@dataclass
+class Intent:
+    label: str                     # FSC: "activate lights kitchen"; SLURP: "alarm_set"
+    fields: dict[str, str]         # FSC: action/object/location; SLURP: scenario/action
+    templates: list[str]           # phrasings, possibly with {slot} placeholders
+
+
+@dataclass
+class Grammar:
+    name: str
+    intents: list[Intent]
+    slots: dict[str, list[str]] = field(default_factory=dict)   # slot type -> fillers
+
+    @property
+    def labels(self) -> list[str]:
+        return [it.label for it in self.intents]
+
+
+@dataclass
+class Command:
+    """One sampled command: the spoken text plus everything a dataset row records about it."""
+    text: str                       # "wake me up at seven am"
+    label: str                      # "alarm_set"
+    fields: dict[str, str]          # the intent's fields
+    annotation: str                 # text with slots marked, SLURP style: "wake me up at [time : seven am]"
+    entities: list[tuple[str, str]] # (slot type, filler) in order of appearance
+
+
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+def sample_command(grammar: Grammar, rng: random.Random) -> Command:
+    """Pick an intent uniformly, then a phrasing uniformly, then fill its slots."""
+    intent = rng.choice(grammar.intents)
+    template = rng.choice(intent.templates)
+    entities: list[tuple[str, str]] = []
+
+    def fill(m: re.Match) -> str:
+        slot = m.group(1)
+        if slot not in grammar.slots:
+            raise KeyError(f"grammar {grammar.name}: template {template!r} uses unknown slot {slot!r}")
+        entities.append((slot, rng.choice(grammar.slots[slot])))
+        return "\0"   # placeholder, replaced below in both renderings
+
+    skeleton = _SLOT.sub(fill, template)
+    text, annotation = skeleton, skeleton
+    for slot, value in entities:
+        text = text.replace("\0", value, 1)
+        annotation = annotation.replace("\0", f"[{slot} : {value}]", 1)
+    return Command(text, intent.label, dict(intent.fields), annotation, entities)
+
+
+def iter_commands(grammar: Grammar, seed: int = 0, n: int | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (text, label) pairs from a grammar, reproducibly; forever when n is None.
+
+    The micro world draws its LM text corpus and its speech corpus from the same grammar
+    through this function, so the two share phrasings and labels.
+    """
+    rng = random.Random(seed)
+    i = 0
+    while n is None or i < n:
+        c = sample_command(grammar, rng)
+        yield c.text, c.label
+        i += 1
+
+
+# -- FSC-style grammar: the 31 real intents --------------------------------------------------
+# Phrasings per (action, object). "{in_loc}" becomes " in the kitchen" and "{loc_}" becomes
+# "kitchen " for intents with a location, and "" for location "none".
+
+_FSC_PHRASES: dict[tuple[str, str], list[str]] = {
+    ("activate", "lights"): [
+        "turn on the {loc_}lights", "switch on the lights{in_loc}", "turn the {loc_}lights on",
+        "lights on{in_loc}", "put the {loc_}lights on", "i need some light{in_loc}",
+        "can you turn the lights on{in_loc}", "please switch the {loc_}lights on",
+        "it is too dark{in_loc}", "light up the {loc_}room"],
+    ("deactivate", "lights"): [
+        "turn off the {loc_}lights", "switch off the lights{in_loc}", "turn the {loc_}lights off",
+        "lights off{in_loc}", "kill the {loc_}lights", "no more light{in_loc} please",
+        "can you turn the lights off{in_loc}", "please switch the {loc_}lights off",
+        "it is too bright{in_loc}", "shut off the lights{in_loc}"],
+    ("increase", "heat"): [
+        "turn up the heat{in_loc}", "make it warmer{in_loc}", "raise the {loc_}temperature",
+        "increase the heating{in_loc}", "it is too cold{in_loc}", "heat up the {loc_}room",
+        "can you turn the {loc_}heating up", "i am freezing{in_loc}", "more heat{in_loc} please",
+        "bump up the temperature{in_loc}"],
+    ("decrease", "heat"): [
+        "turn down the heat{in_loc}", "make it cooler{in_loc}", "lower the {loc_}temperature",
+        "decrease the heating{in_loc}", "it is too hot{in_loc}", "cool down the {loc_}room",
+        "can you turn the {loc_}heating down", "i am boiling{in_loc}", "less heat{in_loc} please",
+        "reduce the temperature{in_loc}"],
+    ("activate", "lamp"): [
+        "turn on the lamp", "switch the lamp on", "lamp on", "put the lamp on please",
+        "could you turn my lamp on", "i want the lamp on", "light the lamp"],
+    ("deactivate", "lamp"): [
+        "turn off the lamp", "switch the lamp off", "lamp off", "put the lamp out please",
+        "could you turn my lamp off", "i want the lamp off", "shut the lamp off"],
+    ("activate", "music"): [
+        "play some music", "turn on the music", "start the music", "music on please",
+        "put some music on", "i want to hear music", "play a song", "switch the music on"],
+    ("deactivate", "music"): [
+        "stop the music", "turn off the music", "pause the music", "music off please",
+        "switch the music off", "no more music", "stop playing songs", "kill the music"],
+    ("increase", "volume"): [
+        "turn up the volume", "make it louder", "louder please", "increase the volume",
+        "i can not hear it", "volume up", "raise the sound", "turn the sound up", "pump it up"],
+    ("decrease", "volume"): [
+        "turn down the volume", "make it quieter", "quieter please", "decrease the volume",
+        "it is too loud", "volume down", "lower the sound", "turn the sound down", "keep it down"],
+    ("bring", "newspaper"): [
+        "bring me the newspaper", "get me the paper", "fetch the newspaper",
+        "i want to read the newspaper", "can you bring the newspaper", "grab me today's paper",
+        "go get the newspaper"],
+    ("bring", "juice"): [
+        "bring me some juice", "get me a juice", "fetch me a glass of juice", "i am thirsty, juice please",
+        "can you bring the juice", "grab me some juice", "i would like some juice"],
+    ("bring", "socks"): [
+        "bring me my socks", "get me some socks", "fetch my socks", "my feet are cold, socks please",
+        "can you bring the socks", "grab me a pair of socks", "i need my socks"],
+    ("bring", "shoes"): [
+        "bring me my shoes", "get me my shoes", "fetch the shoes", "i need my shoes",
+        "can you bring my shoes", "grab me a pair of shoes", "where are my shoes, bring them"],
+    ("change language", "none"): [
+        "change the language", "switch the language", "use a different language",
+        "i want another language", "change language settings", "set a new language",
+        "can you change the language"],
+}
+for _lang in ("Chinese", "Korean", "English", "German"):
+    _FSC_PHRASES[("change language", _lang)] = [
+        p.replace("LANG", _lang) for p in (
+            "switch to LANG", "change the language to LANG", "set the language to LANG",
+            "speak LANG", "use LANG please", "i want LANG", "can you talk in LANG",
+            "language LANG", "make it LANG")]
+
+FSC_LOCATIONS = {"kitchen": ["kitchen"], "bedroom": ["bedroom"], "washroom": ["washroom", "bathroom"]}
+_FSC_LOCATED = {("activate", "lights"), ("deactivate", "lights"), ("increase", "heat"), ("decrease", "heat")}
+
+
+def fsc_grammar() -> Grammar:
+    """The 31 FSC intents, (action, object, location), with our own phrasings (7-20 each)."""
+    intents = []
+    for (action, obj), phrases in _FSC_PHRASES.items():
+        locations = ["none", *FSC_LOCATIONS] if (action, obj) in _FSC_LOCATED else ["none"]
+        for loc in locations:
+            words = FSC_LOCATIONS.get(loc, [""])
+            templates = sorted({p.replace("{in_loc}", f" in the {w}" if w else "").replace("{loc_}", f"{w} " if w else "")
+                                for p in phrases for w in words})
+            label = f"{action} {obj} {loc}"
+            intents.append(Intent(label, {"action": action, "object": obj, "location": loc}, templates))
+    return Grammar("fsc", intents)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Batching
+# ----------------------------------------------------------------------------------------------
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack dataset items into a batch: wav (B, S_max) zero-padded, lengths (B,) in samples.
+
+    The models thread `lengths` through every layer so the zero padding never leaks into results.
+    """
+    if not items:
+        raise ValueError("collate: empty batch")
+    lengths = torch.tensor([len(it["wav"]) for it in items], dtype=torch.long)   # (B,)
+    wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)      # (B, S_max)
+    for i, it in enumerate(items):
+        wav[i, : lengths[i]] = it["wav"]
+    batch = {"wav": wav, "lengths": lengths}
+    for key in ("text", "label", "speaker", "path"):
+        batch[key] = [it.get(key) for it in items]
+    return batch
