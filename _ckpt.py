@@ -468,7 +468,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _no_redirect_opener = urllib.request.build_opener(_NoRedirect)
-_MAX_RELATIVE_REDIRECTS = 5
+_MAX_HUB_REDIRECTS = 5
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
 @dataclass(frozen=True)
@@ -482,12 +487,13 @@ class _HubFile:
 def _hub_metadata(url: str) -> _HubFile | None:
     """HEADs a resolve URL and reads the hub's headers; None when the file does not exist (HTTP 404).
 
-    Large (LFS) files answer with a redirect to a storage server; the hub's headers (commit, etag, size)
-    are on that redirect, so we do not follow it here. Relative redirects (renamed repos) are followed.
+    Large (LFS) files answer with a redirect to a storage server on another host; the hub's headers
+    (commit, etag, size) are on that redirect, so we stop there. Redirects that stay on the hub's own
+    host (e.g. a renamed repo) are followed, as huggingface_hub does.
     """
     def attempt() -> tuple[str, http.client.HTTPMessage, bool]:  # (where the bytes are, headers, redirected)
         target = url
-        for _ in range(_MAX_RELATIVE_REDIRECTS):
+        for _ in range(_MAX_HUB_REDIRECTS):
             request = urllib.request.Request(target, method="HEAD",
                                              headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"})
             try:
@@ -498,10 +504,11 @@ def _hub_metadata(url: str) -> _HubFile | None:
                 location = e.headers.get("Location") if 300 <= e.code < 400 else None
                 if location is None:
                     raise
-                if urllib.parse.urlsplit(location).netloc:  # absolute: the storage server
+                location = urllib.parse.urljoin(target, location)
+                if _origin(location) != _origin(target):
                     return location, e.headers, True
-                target = urllib.parse.urljoin(target, location)
-        raise DownloadError(f"{url}: more than {_MAX_RELATIVE_REDIRECTS} redirects")
+                target = location
+        raise DownloadError(f"{url}: more than {_MAX_HUB_REDIRECTS} redirects within the hub")
 
     try:
         location, headers, redirected = _with_retries(url, attempt)
