@@ -56,6 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decoder import load_checkpoint, save_pretrained  # checkpoint files: safetensors, .bin, hub cache
+
 SAMPLE_RATE = 16_000      # Hz: every HuBERT checkpoint expects 16 kHz mono audio
 HOP_LENGTH = 320          # samples between frames = 5 * 2**6, the product of the conv strides (20 ms)
 RECEPTIVE_FIELD = 400     # samples one frame sees = 1 + sum_i (kernel_i - 1) * (stride_0 * ... * stride_{i-1}) (25 ms)
@@ -510,8 +512,6 @@ class HuBERT(nn.Module):
         repo id, a local directory, or a model the micro world saved under the Seal cache. The config comes
         from config.json, the input normalization from preprocessor_config.json (when present).
         Returns the model in eval mode."""
-        from decoder import load_checkpoint  # the checkpoint files (safetensors, .bin, hub cache) live there
-
         config_json, state_dict, files = load_checkpoint(ALIASES.get(name_or_path, name_or_path),
                                                          optional=("preprocessor_config.json",), revision=revision)
         preprocessor = None
@@ -531,8 +531,6 @@ class HuBERT(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json, preprocessor_config.json and model.safetensors (loadable by from_pretrained
         and by transformers' HubertModel)."""
-        from decoder import save_pretrained
-
         save_pretrained(directory, self.config.to_hf(), self.state_dict(),
                         extra_files={"preprocessor_config.json": json.dumps(self.config.preprocessor_config(), indent=2)})
 
