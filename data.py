@@ -518,8 +518,8 @@ def synthesize_many(jobs: Sequence[tuple[str, Voice, int]], cache_dir: str | Pat
         parallel = parallel or os.cpu_count() or 1
         with engine.lock:
             rendered = engine.render_forked([jobs[i] for i in todo], parallel)
-            for i, samples in zip(todo, tqdm(rendered, total=len(todo), desc="synthesizing speech",
-                                             unit="utt", disable=not progress)):
+            for i, samples in tqdm(zip(todo, rendered), total=len(todo), desc="synthesizing speech",
+                                   unit="utt", disable=not progress):
                 text, voice, seed = jobs[i]
                 if samples.size == 0:
                     raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {voice}")
@@ -875,17 +875,431 @@ GRAMMARS = {"fsc": fsc_grammar, "slurp": slurp_grammar}
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. Writing synthetic sets in the real layouts
+# ----------------------------------------------------------------------------------------------
+
+FSC_DIR = "fluent_speech_commands_dataset"
+FSC_SPLITS = ("train", "valid", "test")
+FSC_COLUMNS = ("path", "speakerId", "transcription", "action", "object", "location")
+SLURP_SPLITS = ("train", "devel", "test")
+SLURP_FIELDS = ("slurp_id", "sentence", "sentence_annotation", "intent", "action", "scenario",
+                "tokens", "entities", "recordings")
+
+
+def _plan(grammar: Grammar, counts: dict[str, int], voices: dict[str, list[Voice]], seed: int,
+          per_item: int = 1) -> dict[str, list[tuple[Command, list[Voice], str]]]:
+    """For each split: n (command, voices that say it, uuid) triples, reproducible from seed."""
+    plan = {}
+    for split, n in counts.items():
+        rng = random.Random(f"{seed}/{grammar.name}/{split}")
+        pool = voices[split]
+        if len(pool) < per_item:
+            raise ValueError(f"split {split}: {len(pool)} voices, need >= {per_item} per item")
+        plan[split] = [(sample_command(grammar, rng), rng.sample(pool, per_item),
+                        str(uuid.UUID(int=rng.getrandbits(128), version=4))) for _ in range(n)]
+    return plan
+
+
+def write_fsc(out: str | Path, counts: dict[str, int], voices: dict[str, list[Voice]], seed: int = 0,
+              cache_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """Write a synthetic FSC set: <out>/fluent_speech_commands_dataset/{data/*.csv, wavs/speakers/..}."""
+    root = Path(out) / FSC_DIR
+    plan = _plan(fsc_grammar(), counts, voices, seed)
+    jobs = [(c.text, vs[0], _seed_of(u)) for split in plan for c, vs, u in plan[split]]
+    wavs = iter(synthesize_many(jobs, cache_dir=cache_dir, progress=progress))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in plan.items():
+        with open(root / "data" / f"{split}_data.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["", *FSC_COLUMNS])   # the real header starts with an unnamed index column
+            for i, (c, (voice,), u) in enumerate(rows):
+                rel = f"wavs/speakers/{voice.speaker_id}/{u}.wav"
+                write_wav(root / rel, next(wavs))
+                text = c.text[0].upper() + c.text[1:]
+                w.writerow([i, rel, voice.speaker_id, text, c.fields["action"], c.fields["object"],
+                            c.fields["location"]])
+    return root
+
+
+def write_slurp(out: str | Path, counts: dict[str, int], voices: dict[str, list[Voice]], seed: int = 0,
+                recordings: int = 2, audio_format: str = "flac", cache_dir: str | Path | None = None,
+                progress: bool = False) -> Path:
+    """Write a synthetic SLURP set: <out>/slurp/{dataset/slurp/*.jsonl, audio/slurp_real/*.flac}.
+
+    Each sentence is spoken by `recordings` different voices; the first recording is named like
+    the real headset recordings (audio-<id>-headset.flac), the others like the far-field ones.
+    """
+    if audio_format == "flac":
+        _soundfile()   # fail now, with the install hint, not after rendering
+    elif audio_format != "wav":
+        raise ValueError(f"audio_format must be 'flac' or 'wav', got {audio_format!r}")
+    root = Path(out) / "slurp"
+    plan = _plan(slurp_grammar(), counts, voices, seed, per_item=recordings)
+    jobs = [(c.text, v, _seed_of(u) + k) for split in plan for c, vs, u in plan[split]
+            for k, v in enumerate(vs)]
+    wavs = iter(synthesize_many(jobs, cache_dir=cache_dir, progress=progress))
+    (root / "dataset" / "slurp").mkdir(parents=True, exist_ok=True)
+    audio_dir = root / "audio" / "slurp_real"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    slurp_id = 0
+    for split, rows in plan.items():
+        with open(root / "dataset" / "slurp" / f"{split}.jsonl", "w") as f:
+            for c, vs, u in rows:
+                slurp_id += 1
+                stem = f"audio-{_seed_of(u)}"
+                recs = []
+                for k in range(len(vs)):
+                    name = f"{stem}-headset.{audio_format}" if k == 0 else f"{stem}-{k}.{audio_format}"
+                    wav = next(wavs)
+                    if audio_format == "flac":
+                        _soundfile().write(str(audio_dir / name), wav.numpy(), SAMPLE_RATE, subtype="PCM_16")
+                    else:
+                        write_wav(audio_dir / name, wav)
+                    recs.append({"file": name, "wer": 0.0, "ent_wer": 0.0, "status": "correct"})
+                words = c.text.split()
+                f.write(json.dumps({
+                    "slurp_id": slurp_id, "sentence": c.text, "sentence_annotation": c.annotation,
+                    "intent": c.label, "action": c.fields["action"], "scenario": c.fields["scenario"],
+                    "tokens": [{"surface": w, "id": i, "lemma": w, "pos": ""} for i, w in enumerate(words)],
+                    "entities": _entity_spans(words, c.entities), "recordings": recs}) + "\n")
+    return root
+
+
+def _seed_of(u: str) -> int:
+    """A 31-bit integer from a uuid string: the render seed and the SLURP audio id."""
+    return int(u.replace("-", "")[:8], 16) & 0x7FFFFFFF
+
+
+def _entity_spans(words: list[str], entities: list[tuple[str, str]]) -> list[dict]:
+    """SLURP entities: {"type", "span": [token ids]}, found left to right in the token list."""
+    out, start = [], 0
+    for slot, value in entities:
+        v = value.split()
+        for i in range(start, len(words) - len(v) + 1):
+            if words[i:i + len(v)] == v:
+                out.append({"type": slot, "span": list(range(i, i + len(v)))})
+                start = i + len(v)
+                break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Datasets
+# ----------------------------------------------------------------------------------------------
+#
+# Every dataset is a list of rows {path, text, label, speaker} read from the dataset's own index
+# files; __getitem__ decodes the audio. Bad input is either an error that names the file (and
+# row), or, with skip_bad=True, a skip that is counted in `.skipped` and logged with a warning:
+#   - rows with missing fields are checked when the index is read;
+#   - with skip_bad, every audio file's header is checked up front (missing, empty, truncated,
+#     unsupported width, zero-length, longer than MAX_SECONDS), cheaply, without decoding;
+#   - problems only visible in the samples (NaN/Inf, a corrupt FLAC stream) surface in
+#     __getitem__: it then returns None, and `collate` leaves such items out of the batch.
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Rows of {path, text, label, speaker}; items add the decoded 16 kHz waveform as `wav`."""
+
+    def __init__(self, rows: list[dict], skip_bad: bool = False, cache_dir: str | Path | None = None,
+                 bad_rows: Sequence[str] = ()) -> None:
+        self.skip_bad = skip_bad
+        self.skipped = 0
+        for why in bad_rows:     # index rows already rejected by the subclass (only with skip_bad)
+            self._skip(why)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._lengths: list[int] | None = None
+        self.rows = rows
+        if skip_bad:   # check every header now, so that lengths() and the sampler see only good files
+            good, lengths = [], []
+            for row in rows:
+                try:
+                    lengths.append(self._header_length(row["path"]))
+                    good.append(row)
+                except (AudioError, OSError, ImportError) as e:
+                    self._skip(str(e))
+            self.rows, self._lengths = good, lengths
+
+    def _skip(self, why: str) -> None:
+        self.skipped += 1
+        log.warning("skipping (%d so far): %s", self.skipped, why)
+
+    @staticmethod
+    def _header_length(path: Path) -> int:
+        """Length in samples at 16 kHz, from the header; raises AudioError for an unusable file."""
+        if not path.is_file():
+            raise AudioError(f"{path}: no such audio file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{path}: empty file")
+        frames, sr = audio_info(path)
+        if frames == 0:
+            raise AudioError(f"{path}: zero-length clip (no samples)")
+        if frames > MAX_SECONDS * sr:
+            raise AudioError(f"{path}: clip of {frames / sr:.1f} s is longer than MAX_SECONDS = {MAX_SECONDS:g} s")
+        return math.ceil(frames * SAMPLE_RATE / sr)
+
+    def lengths(self) -> list[int]:
+        """Every item's length in 16 kHz samples (from file headers), for length bucketing."""
+        if self._lengths is None:
+            self._lengths = [self._header_length(r["path"]) for r in self.rows]
+        return self._lengths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, path: Path) -> torch.Tensor:
+        """Decode (or read back from the decoded-audio cache) one file as 16 kHz float32."""
+        if self.cache_dir is None:
+            return load_audio(path)
+        st = path.stat()   # key on path + mtime + size: an edited file gets a new entry
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()
+        f = self.cache_dir / key[:2] / f"{key}.npy"
+        if f.is_file():
+            return torch.from_numpy(np.load(f))
+        wav = load_audio(path)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, wav.numpy())
+        os.replace(tmp, f)
+        return wav
+
+    def __getitem__(self, i: int) -> dict | None:
+        row = self.rows[i]
+        try:
+            wav = self.load(row["path"])
+        except AudioError as e:
+            if not self.skip_bad:
+                raise
+            self._skip(str(e))
+            return None
+        return {"wav": wav, "text": row["text"], "label": row["label"], "speaker": row["speaker"],
+                "path": str(row["path"])}
+
+
+def _missing_root(name: str, root: Path, what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} not found at {root}. {what} Then point --data-dir at it. For an offline stand-in "
+        f"in the same layout, run: python data.py synth --out DIR")
+
+
+def _bad_row(file: Path, row: int, msg: str, skip: bool, pending: list[str]) -> None:
+    """Report a bad index row: raise, or (skip_bad) keep it for the dataset's counted skips."""
+    text = f"{file}, row {row}: {msg}"
+    if not skip:
+        raise ValueError(text)
+    pending.append(text)
+
+
+class FluentSpeechCommands(AudioDataset):
+    """Fluent Speech Commands: root is the `fluent_speech_commands_dataset` folder.
+
+    Label: "action object location", e.g. "activate lights kitchen" (31 distinct intents).
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", skip_bad: bool = False,
+                 cache_dir: str | Path | None = None) -> None:
+        root = Path(root)
+        if (root / FSC_DIR).is_dir():   # also accept the folder that contains it
+            root = root / FSC_DIR
+        if split not in FSC_SPLITS:
+            raise ValueError(f"FSC split must be one of {FSC_SPLITS}, got {split!r}")
+        index = root / "data" / f"{split}_data.csv"
+        if not index.is_file():
+            raise _missing_root("Fluent Speech Commands", index,
+                                "Download it from https://fluent.ai/fluent-speech-commands-a-dataset-for-"
+                                "spoken-language-understanding-research/ and unpack it;")
+        rows, bad = [], []
+        with open(index, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in FSC_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{index}: header lacks columns {missing} "
+                                 f"(expected ',{','.join(FSC_COLUMNS)}', got {reader.fieldnames})")
+            for line, r in enumerate(reader, start=2):   # line 1 is the header
+                empty = [c for c in FSC_COLUMNS if not (r.get(c) or "").strip()]
+                if empty:
+                    _bad_row(index, line, f"missing field(s) {empty}", skip_bad, bad)
+                    continue
+                rows.append({"path": root / r["path"], "text": r["transcription"],
+                             "label": f"{r['action']} {r['object']} {r['location']}",
+                             "speaker": r["speakerId"]})
+        super().__init__(rows, skip_bad=skip_bad, cache_dir=cache_dir, bad_rows=bad)
+
+
+class Slurp(AudioDataset):
+    """SLURP: root is a clone of the SLURP repo with its audio next to it (dataset/slurp/*.jsonl,
+    audio/slurp_real/). One item per recording; label = scenario + "_" + action.
+
+    headset: True keeps only close-talk recordings (file names containing "headset"), False only
+    the far-field ones, None all.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", headset: bool | None = None,
+                 skip_bad: bool = False, cache_dir: str | Path | None = None) -> None:
+        root = Path(root)
+        if split not in (*SLURP_SPLITS, "train_synthetic"):
+            raise ValueError(f"SLURP split must be one of {SLURP_SPLITS + ('train_synthetic',)}, got {split!r}")
+        index = root / "dataset" / "slurp" / f"{split}.jsonl"
+        if not index.is_file():
+            raise _missing_root("SLURP", index, "Clone https://github.com/pswietojanski/slurp and fetch its "
+                                "audio with scripts/download_audio.sh (audio/slurp_real, audio/slurp_synth);")
+        audio_dir = root / "audio" / ("slurp_synth" if split == "train_synthetic" else "slurp_real")
+        rows, bad = [], []
+        with open(index) as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    r = json.loads(text)
+                except json.JSONDecodeError as e:
+                    _bad_row(index, line, f"invalid JSON ({e})", skip_bad, bad)
+                    continue
+                empty = [k for k in ("sentence", "scenario", "action", "recordings") if not r.get(k)]
+                recs = r.get("recordings") or []
+                if not empty and not all(isinstance(x, dict) and x.get("file") for x in recs):
+                    empty = ["recordings[].file"]
+                if empty:
+                    _bad_row(index, line, f"missing field(s) {empty}", skip_bad, bad)
+                    continue
+                # the `intent` field sometimes holds only the action: rebuild it from its parts
+                label = f"{r['scenario']}_{r['action']}"
+                for rec in recs:
+                    if headset is None or ("headset" in rec["file"]) == headset:
+                        rows.append({"path": audio_dir / rec["file"], "text": r["sentence"],
+                                     "label": label, "speaker": None})
+        super().__init__(rows, skip_bad=skip_bad, cache_dir=cache_dir, bad_rows=bad)
+
+
+class LibriSpeech(AudioDataset):
+    """LibriSpeech: root holds LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+    and the .flac files (root may also be the LibriSpeech folder itself). No labels."""
+
+    def __init__(self, root: str | Path, subset: str = "train-clean-100", skip_bad: bool = False,
+                 cache_dir: str | Path | None = None) -> None:
+        root = Path(root)
+        base = root / "LibriSpeech" / subset if (root / "LibriSpeech").is_dir() else root / subset
+        if not base.is_dir():
+            raise _missing_root("LibriSpeech", base, f"Download {subset}.tar.gz from "
+                                "https://www.openslr.org/12 and unpack it;")
+        rows, bad = [], []
+        for trans in sorted(base.glob("*/*/*.trans.txt")):
+            with open(trans) as f:
+                for line, text in enumerate(f, start=1):
+                    utt, _, words = text.strip().partition(" ")
+                    if not utt:
+                        continue
+                    if not words:
+                        _bad_row(trans, line, "missing transcript", skip_bad, bad)
+                        continue
+                    rows.append({"path": trans.parent / f"{utt}.flac", "text": words, "label": None,
+                                 "speaker": utt.split("-")[0]})
+        if not rows and not bad:
+            raise FileNotFoundError(f"{base}: no */*/*.trans.txt transcripts found")
+        super().__init__(rows, skip_bad=skip_bad, cache_dir=cache_dir, bad_rows=bad)
+
+
+class Manifest(AudioDataset):
+    """A jsonl manifest, one utterance a line: {"audio": path, "text": ..., "label"?, "speaker"?}.
+    Relative audio paths are resolved against the manifest's folder."""
+
+    def __init__(self, path: str | Path, skip_bad: bool = False, cache_dir: str | Path | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"manifest {path} not found (expected a jsonl file with one "
+                                    f'{{"audio": ..., "text": ...}} object per line)')
+        rows, bad = [], []
+        with open(path) as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    r = json.loads(text)
+                except json.JSONDecodeError as e:
+                    _bad_row(path, line, f"invalid JSON ({e})", skip_bad, bad)
+                    continue
+                empty = [k for k in ("audio", "text") if not isinstance(r, dict) or not r.get(k)]
+                if empty:
+                    _bad_row(path, line, f"missing field(s) {empty}", skip_bad, bad)
+                    continue
+                rows.append({"path": path.parent / r["audio"], "text": r["text"], "label": r.get("label"),
+                             "speaker": r.get("speaker")})
+        super().__init__(rows, skip_bad=skip_bad, cache_dir=cache_dir, bad_rows=bad)
+
+
+# ----------------------------------------------------------------------------------------------
 # 7. Batching
 # ----------------------------------------------------------------------------------------------
 
 
-def collate(items: Sequence[dict]) -> dict:
+BUCKET_BATCHES = 50   # batches per bucket: sort this many batches' worth of items by length
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of similar-length items (little padding), reshuffled reproducibly every epoch.
+
+    Each epoch: shuffle all indices with a generator seeded by (seed, epoch), cut them into
+    buckets of BUCKET_BATCHES * batch_size, sort each bucket by length, cut it into batches, and
+    shuffle the batch order. Every rank computes the same batch list and takes every
+    world_size-th batch; the list is padded by repeating early batches (or, with drop_last,
+    truncated) so all ranks get the same number of batches, as DistributedSampler does.
+    Call set_epoch(e) before each epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+            bucket = BUCKET_BATCHES * self.batch_size
+        else:
+            order, bucket = torch.arange(n), max(n, 1)
+        batches = []
+        for start in range(0, n, bucket):
+            chunk = order[start:start + bucket]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]   # short to long
+            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if self.world_size > 1:
+            if self.drop_last:
+                batches = batches[:len(batches) - len(batches) % self.world_size]
+            elif batches:
+                pad = -len(batches) % self.world_size
+                batches += (batches * (pad // len(batches) + 1))[:pad]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._all_batches()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(self._all_batches()[self.rank::self.world_size])
+
+
+def collate(items: Sequence[dict | None]) -> dict:
     """Stack dataset items into a batch: wav (B, S_max) zero-padded, lengths (B,) in samples.
 
     The models thread `lengths` through every layer so the zero padding never leaks into results.
+    None items (files a skip_bad dataset could not decode; it has counted and logged them) are
+    left out.
     """
+    items = [it for it in items if it is not None]
     if not items:
-        raise ValueError("collate: empty batch")
+        raise ValueError("collate: empty batch (every item in it was skipped as bad)")
     lengths = torch.tensor([len(it["wav"]) for it in items], dtype=torch.long)   # (B,)
     wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)      # (B, S_max)
     for i, it in enumerate(items):
@@ -894,3 +1308,60 @@ def collate(items: Sequence[dict]) -> dict:
     for key in ("text", "label", "speaker", "path"):
         batch[key] = [it.get(key) for it in items]
     return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def synth_main(args: argparse.Namespace) -> None:
+    counts = {"train": args.n_train, "valid": args.n_valid, "test": args.n_test}
+    n_voices = [int(x) for x in args.voices.split(",")]
+    if len(n_voices) != 3 or min(n_voices) < 1:
+        raise ValueError(f"--voices needs three positive counts train,valid,test, got {args.voices!r}")
+    voices = split_voices(*n_voices, seed=args.seed)
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir() / "speech")
+    out = Path(args.out)
+    if "fsc" in args.sets:
+        root = write_fsc(out, counts, voices, seed=args.seed, cache_dir=cache, progress=True)
+        print(f"FSC-style set: {root}  (train {args.n_train} / valid {args.n_valid} / test {args.n_test})")
+    if "slurp" in args.sets:
+        slurp_voices = {"train": voices["train"], "devel": voices["valid"], "test": voices["test"]}
+        slurp_counts = {"train": args.n_train, "devel": args.n_valid, "test": args.n_test}
+        root = write_slurp(out, slurp_counts, slurp_voices, seed=args.seed, recordings=args.recordings,
+                           audio_format=args.slurp_format, cache_dir=cache, progress=True)
+        print(f"SLURP-style set: {root}  ({args.recordings} recordings per sentence)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Audio and datasets for Seal.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write synthetic FSC- and SLURP-style sets in the real layouts",
+                       description="Render command grammars with espeak-ng voices and write "
+                                   "<out>/fluent_speech_commands_dataset and <out>/slurp, in the real "
+                                   "datasets' layouts. Voices are disjoint across the splits.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n-train", type=int, default=2000, help="utterances (SLURP: sentences) in train")
+    p.add_argument("--n-valid", type=int, default=300, help="... in valid (SLURP: devel)")
+    p.add_argument("--n-test", type=int, default=300, help="... in test")
+    p.add_argument("--voices", default="24,6,6", help="number of voices (speakers) train,valid,test")
+    p.add_argument("--sets", default="fsc,slurp", help="comma-separated: fsc, slurp")
+    p.add_argument("--recordings", type=int, default=2, help="SLURP recordings per sentence (first = headset)")
+    p.add_argument("--slurp-format", default="flac", choices=["flac", "wav"], help="SLURP audio format")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="rendered-speech cache (default $SEAL_CACHE/speech)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the speech cache")
+    args = parser.parse_args(argv)
+    bad_sets = set(args.sets.split(",")) - {"fsc", "slurp"} if args.command == "synth" else set()
+    try:
+        if bad_sets:
+            raise ValueError(f"--sets: unknown {sorted(bad_sets)} (choose from fsc, slurp)")
+        synth_main(args)
+    except (ValueError, FileNotFoundError, ImportError, AudioError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
