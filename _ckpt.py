@@ -124,9 +124,10 @@ def _check_safetensors_layout(path: Path, header: dict, data_len: int) -> list[_
         where = f"{path}: tensor '{key}'"
         if not isinstance(info, dict):
             raise CheckpointError(f"{where}: expected {{dtype, shape, data_offsets}}, got {str(info)[:200]}")
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        dtype_name = info.get("dtype")
+        dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r} "
+            raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} "
                                   f"(expected one of {', '.join(SAFETENSORS_DTYPES)})")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
@@ -138,7 +139,7 @@ def _check_safetensors_layout(path: Path, header: dict, data_len: int) -> list[_
             raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes:
-            raise CheckpointError(f"{where}: dtype {info['dtype']} and shape {shape} need {nbytes:,} bytes "
+            raise CheckpointError(f"{where}: dtype {dtype_name} and shape {shape} need {nbytes:,} bytes "
                                   f"(prod(shape) * itemsize), but data_offsets [{begin}, {end}] hold {end - begin:,}")
         entries.append(_TensorEntry(key, dtype, tuple(shape), begin, end))
     # Sorted by offset, each tensor must start exactly where the previous one ended, starting at 0:
@@ -297,9 +298,12 @@ def _env_flag(name: str) -> bool:
 
 def _env_number(name: str, default: float, kind: type) -> float | int:
     try:
-        return kind(os.environ.get(name) or default)
+        value = kind(os.environ.get(name) or default)
     except ValueError:
-        raise ValueError(f"${name} must be a {kind.__name__}, got {os.environ[name]!r}") from None
+        value = -1
+    if value < 0:
+        raise ValueError(f"${name} must be a non-negative {kind.__name__}, got {os.environ[name]!r}")
+    return value
 
 
 def _http_timeout() -> float:
@@ -408,6 +412,8 @@ def load_checkpoint(name_or_path: str, extra_required: Sequence[str | tuple[str,
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     weights = next(files[name] for name in WEIGHTS_NAMES if name in files)
     return config, load_state_dict(weights), files
 
@@ -418,11 +424,12 @@ def save_pretrained(directory: str | os.PathLike, config: dict, state_dict: Mapp
     config.json, model.safetensors and any extra files (e.g. a tokenizer), given as name -> contents."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     # transformers refuses safetensors files without {"format": "pt"} in their metadata.
     save_safetensors(state_dict, directory / WEIGHTS_NAMES[0], metadata={"format": "pt"})
     for name, contents in (extra_files or {}).items():
         data = contents.encode("utf-8") if isinstance(contents, str) else contents
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(data)
     return directory
 

@@ -83,7 +83,8 @@ def test_unaligned_header_like_gpt2(tmp_path):
     raw = json.dumps(header).encode()
     raw += b" " * ((8 - (len(raw) + 8) % 8) % 8 + 3)  # make 8 + N == 3 (mod 8): misaligned for every dtype
     assert (8 + len(raw)) % 4 != 0
-    path = _write_raw(tmp_path / "unaligned.safetensors", raw, ckpt._as_bytes(a).tobytes() + ckpt._as_bytes(b).tobytes())
+    data = a.numpy().tobytes() + b.view(torch.int16).numpy().tobytes()
+    path = _write_raw(tmp_path / "unaligned.safetensors", raw, data)
     loaded = ckpt.load_safetensors(path)
     _assert_same(loaded, {"a": a, "b": b})
     _assert_same(loaded, safetensors_torch.load_file(path))
@@ -103,10 +104,12 @@ MALFORMED = {
     "overlap": ({"a": {**_f32(4), "data_offsets": [0, 16]}, "b": {**_f32(4), "data_offsets": [8, 24]}},
                 bytes(24), None, r"tensor 'b': data_offsets \[8, 24\] overlap tensor 'a' \(expected begin 16, got 8\)"),
     "gap": ({"a": {**_f32(4), "data_offsets": [0, 16]}, "b": {**_f32(4), "data_offsets": [20, 36]}},
-            bytes(36), None, r"tensor 'b': data_offsets \[20, 36\] leave a gap after tensor 'a' \(expected begin 16, got 20\)"),
+            bytes(36), None,
+            r"tensor 'b': data_offsets \[20, 36\] leave a gap after tensor 'a' \(expected begin 16, got 20\)"),
     "not from 0": ({"a": {**_f32(1), "data_offsets": [4, 8]}}, bytes(8), None, r"tensor 'a'.*expected begin 0, got 4"),
     "out of range": ({"a": {**_f32(4), "data_offsets": [0, 16]}}, bytes(8), None,
-                     r"tensor 'a': data_offsets \[0, 16\] are out of range \(expected end <= data buffer length 8, got 16\)"),
+                     r"tensor 'a': data_offsets \[0, 16\] are out of range "
+                     r"\(expected end <= data buffer length 8, got 16\)"),
     "shape/length mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16), None,
                               r"tensor 'a': dtype F32 and shape \[3\] need 12 bytes .* hold 16"),
     "trailing bytes": ({"a": {**_f32(2), "data_offsets": [0, 8]}}, bytes(12), None,
@@ -149,7 +152,8 @@ def test_bin_loading_and_malicious_pickle(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.bin"
     torch.save({"w": torch.zeros(1), "x": _Payload(marker)}, evil)
-    with pytest.raises(ckpt.CheckpointError, match=re.escape(str(evil)) + r": refusing to unpickle.*it asks to call io.open"):
+    refusal = re.escape(str(evil)) + r": refusing to unpickle.*it asks to call io.open"
+    with pytest.raises(ckpt.CheckpointError, match=refusal):
         ckpt.load_torch_bin(evil)
     assert not marker.exists()
 
@@ -178,6 +182,16 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_cache_locations_follow_huggingface_hub(env, monkeypatch):
+    assert ckpt.hf_hub_cache_dir() == env / "hf"
+    monkeypatch.delenv("HF_HUB_CACHE")
+    assert ckpt.hf_hub_cache_dir() == env / "hf_home" / "hub"
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(env / "xdg"))
+    assert ckpt.hf_hub_cache_dir() == env / "xdg" / "huggingface" / "hub"
+    assert ckpt.seal_cache_dir() == env / "seal"
+
+
 def _tiny_checkpoint():
     config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8}
     state = {"wte.weight": torch.randn(300, 8), "h.0.ln_1.weight": torch.ones(8)}
@@ -200,8 +214,8 @@ def test_local_directory_and_seal_cache(env):
         ckpt.resolve_files("./nope", ["config.json"])
     with pytest.raises(ckpt.CheckpointNotFoundError, match=r"~/nope-seal-test: no such directory"):
         ckpt.resolve_files("~/nope-seal-test", ["config.json"])
-    with pytest.raises(ckpt.CheckpointNotFoundError, match=r"my-model: missing tokenizer.model or merges.txt "
-                                                          r"\(the directory holds: config.json, model.safetensors, vocab.json\)"):
+    listing = r"\(the directory holds: config.json, model.safetensors, vocab.json\)"
+    with pytest.raises(ckpt.CheckpointNotFoundError, match=r"my-model: missing tokenizer.model or merges.txt " + listing):
         ckpt.resolve_files("my-model", ["config.json", ("tokenizer.model", "merges.txt")])
 
 
@@ -349,7 +363,8 @@ def test_download_into_hf_cache_layout_then_reuse_without_network(env, hub, monk
     assert all(f"/resolve/{hub.commit}/" in p for p in heads[1:])
 
     hf_hub = pytest.importorskip("huggingface_hub")  # the official client finds our downloads in its cache
-    assert Path(hf_hub.try_to_load_from_cache(REPO, "model.safetensors", cache_dir=env / "hf")) == files["model.safetensors"]
+    found = hf_hub.try_to_load_from_cache(REPO, "model.safetensors", cache_dir=env / "hf")
+    assert Path(found) == files["model.safetensors"]
 
     hub.stop()
     n_requests = len(hub.requests)
@@ -382,7 +397,8 @@ def test_truncated_download_is_resumed_with_range(env, hub, monkeypatch):
     monkeypatch.setenv("SEAL_HTTP_RETRIES", "1")
     files = ckpt.resolve_files(REPO, ["config.json", "model.safetensors"])
     assert files["model.safetensors"].read_bytes() == hub.files["model.safetensors"]
-    assert hub.requests[-1] == ("GET", partial.name.removesuffix(".incomplete").join(["/lfs/", ""]), f"bytes={size // 2}-")
+    sha = partial.name.removesuffix(".incomplete")
+    assert hub.requests[-1] == ("GET", f"/lfs/{sha}", f"bytes={size // 2}-")
     assert not partial.exists()
 
     # Within one call, a dropped connection is retried and resumed, too.
@@ -420,8 +436,8 @@ def test_fallback_alternative_and_missing_file(env, hub):
     hub.files["pytorch_model.bin"] = hub.files.pop("model.safetensors")  # an older repo: .bin only
     files = ckpt.resolve_files(REPO, ["config.json", ("model.safetensors", "pytorch_model.bin")])
     assert sorted(files) == ["config.json", "pytorch_model.bin"]
-    with pytest.raises(ckpt.CheckpointNotFoundError, match=r"the hub has no tokenizer.model at revision 'main' "
-                                                           r"\(HTTP 404 for http://.*/org/tiny/resolve/[0-9a-f]{40}/tokenizer.model\)"):
+    tried = r"\(HTTP 404 for http://.*/org/tiny/resolve/[0-9a-f]{40}/tokenizer.model\)"
+    with pytest.raises(ckpt.CheckpointNotFoundError, match=r"the hub has no tokenizer.model at revision 'main' " + tried):
         ckpt.resolve_files(REPO, ["config.json", "tokenizer.model"])
 
 
@@ -434,7 +450,8 @@ def test_timeouts_and_server_errors_retry_then_name_the_url(env, hub, monkeypatc
     else:
         hub.status = 503
     start = time.perf_counter()
-    with pytest.raises(ckpt.DownloadError, match=rf"{hub.url}/{REPO}/resolve/main/config.json: failed after 3 attempts"):
+    url = f"{hub.url}/{REPO}/resolve/main/config.json"
+    with pytest.raises(ckpt.DownloadError, match=re.escape(url) + ": failed after 3 attempts"):
         ckpt.resolve_files(REPO, ["config.json"])
     assert len(hub.requests) == 3
     assert time.perf_counter() - start < 10
