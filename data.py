@@ -1320,6 +1320,9 @@ def synth_main(args: argparse.Namespace) -> None:
     n_voices = [int(x) for x in args.voices.split(",")]
     if len(n_voices) != 3 or min(n_voices) < 1:
         raise ValueError(f"--voices needs three positive counts train,valid,test, got {args.voices!r}")
+    if "slurp" in args.sets and min(n_voices) < args.recordings:
+        raise ValueError(f"--voices {args.voices}: each split needs >= --recordings {args.recordings} "
+                         f"voices, since each SLURP sentence is recorded by different voices")
     voices = split_voices(*n_voices, seed=args.seed)
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir() / "speech")
     out = Path(args.out)
