@@ -2,6 +2,7 @@
 tokenizer parity with transformers' GPT2Tokenizer, sentencepiece wrapper and the CLI."""
 import json
 import random
+import re
 import subprocess
 import sys
 import unicodedata
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import decoder
 from decoder import (
     GPT,
     GPT2Tokenizer,
@@ -19,7 +21,6 @@ from decoder import (
     load_checkpoint,
     load_tokenizer,
     save_pretrained,
-    save_safetensors,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -27,18 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def hf_model(config: GPTConfig, seed: int = 0):
-    """transformers' GPT2LMHeadModel with random weights everywhere (biases and LayerNorms too, so
-    that a mis-mapped bias cannot hide behind HF's zero init)."""
+    """transformers' GPT2LMHeadModel with random weights everywhere: HF initialises the matrices
+    randomly but biases to 0 and LayerNorms to 1, so those are randomised too (a mis-mapped bias
+    must not hide behind a zero)."""
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(**config.to_hf(), attn_implementation="eager")
     ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name != "lm_head.weight":  # tied to wte
-                p.copy_(0.05 * torch.randn_like(p))
+            if p.ndim == 1:
+                p.copy_((1 if "ln" in name and name.endswith("weight") else 0) + 0.1 * torch.randn_like(p))
     return model
 
 
@@ -125,8 +125,9 @@ def test_kv_cache_incremental_equals_full(tiny):
         full = tiny(idx)
         logits, cache = tiny(idx[:, :5], use_cache=True)
         steps = [logits]
-        for t in range(5, 20, 3):  # chunks of 3 tokens, then 2
-            logits, cache = tiny(idx[:, t : t + 3], kv_cache=cache, use_cache=True)
+        for t in range(5, 20, 3):  # chunks of 3 tokens, then 2; odd chunks with explicit positions
+            positions = torch.arange(t, min(t + 3, 20)).expand(3, -1) if t % 2 else None
+            logits, cache = tiny(idx[:, t : t + 3], position_ids=positions, kv_cache=cache, use_cache=True)
             steps.append(logits)
     assert cache.length == 20
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
@@ -395,6 +396,22 @@ def test_cli_continues_a_prompt(tmp_path, bpe_dir):
                           "--max-new-tokens", "5", "--seed", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Hello world") and len(run.stdout.strip()) > len("Hello world")
-    bad = subprocess.run([sys.executable, "decoder.py", "--lm", str(tmp_path / "nope"), "--prompt", "x"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, tiny, capsys):
+    with pytest.raises(SystemExit) as exit:
+        decoder.main(["--lm", str(tmp_path / "nope"), "--prompt", "x"])
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope'}: no such directory")
+    tiny.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(SystemExit) as exit:
+        decoder.main(["--lm", str(tmp_path / "no-tokenizer"), "--prompt", "x"])
+    assert exit.value.code == 2 and "vocab.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_full_gpt2_loads_in_under_5_seconds():
+    run = subprocess.run([sys.executable, "bench/bench_decoder.py", "--what", "load", "--runs", "3"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    seconds = float(re.search(r"median ([0-9.]+) s", run.stdout).group(1))
+    assert seconds < 5.0, run.stdout
