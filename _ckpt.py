@@ -318,7 +318,8 @@ def _describe(group: tuple[str, ...]) -> str:
     return " or ".join(group)
 
 
-def _collect(directory: Path, wanted: list[tuple[str, ...]], optional: Sequence[str]):
+def _collect(directory: Path, wanted: list[tuple[str, ...]], optional: Sequence[str]
+             ) -> tuple[dict[str, Path], list[tuple[str, ...]]]:
     """Picks, for each wanted group, its first alternative present in directory; also the optional files there.
     Returns (found name -> path, the groups with no alternative present)."""
     found, missing = {}, []
@@ -425,7 +426,7 @@ def save_pretrained(directory: str | os.PathLike, config: dict, state_dict: Mapp
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    # transformers refuses safetensors files without {"format": "pt"} in their metadata.
+    # {"format": "pt"} is what transformers writes, and what its 4.x versions check when loading.
     save_safetensors(state_dict, directory / WEIGHTS_NAMES[0], metadata={"format": "pt"})
     for name, contents in (extra_files or {}).items():
         data = contents.encode("utf-8") if isinstance(contents, str) else contents
@@ -524,7 +525,8 @@ def _hub_metadata(url: str) -> _HubFile | None:
             return None
         if e.code in (401, 403):
             raise CheckpointNotFoundError(f"{url}: HTTP {e.code}: no such repository, or it needs authentication "
-                                          f"(Seal downloads public repos only)") from None
+                                          f"(Seal downloads public repos only; a local path must be an existing "
+                                          f"directory)") from None
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     commit = headers.get("X-Repo-Commit")
     etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").removeprefix("W/").strip('"')
