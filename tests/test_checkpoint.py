@@ -455,3 +455,48 @@ def test_timeouts_and_server_errors_retry_then_name_the_url(env, hub, monkeypatc
         ckpt.resolve_files(REPO, ["config.json"])
     assert len(hub.requests) == 3
     assert time.perf_counter() - start < 10
+
+
+def _gpt2_shapes(n_layer: int = 12, n_embd: int = 768, vocab: int = 50257, n_ctx: int = 1024) -> dict[str, list[int]]:
+    """Every tensor of the hub's gpt2 model.safetensors, including the h.N.attn.bias mask buffers."""
+    shapes = {"wte.weight": [vocab, n_embd], "wpe.weight": [n_ctx, n_embd],
+              "ln_f.weight": [n_embd], "ln_f.bias": [n_embd]}
+    for i in range(n_layer):
+        for name, shape in [("ln_1.weight", [n_embd]), ("ln_1.bias", [n_embd]), ("attn.bias", [1, 1, n_ctx, n_ctx]),
+                            ("attn.c_attn.weight", [n_embd, 3 * n_embd]), ("attn.c_attn.bias", [3 * n_embd]),
+                            ("attn.c_proj.weight", [n_embd, n_embd]), ("attn.c_proj.bias", [n_embd]),
+                            ("ln_2.weight", [n_embd]), ("ln_2.bias", [n_embd]),
+                            ("mlp.c_fc.weight", [n_embd, 4 * n_embd]), ("mlp.c_fc.bias", [4 * n_embd]),
+                            ("mlp.c_proj.weight", [4 * n_embd, n_embd]), ("mlp.c_proj.bias", [n_embd])]:
+            shapes[f"h.{i}.{name}"] = shape
+    return shapes
+
+
+@pytest.mark.slow
+def test_full_size_gpt2_file_loads_in_under_5_s(tmp_path):
+    shapes = _gpt2_shapes()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape in shapes.items():
+        nbytes = 4 * torch.Size(shape).numel()
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8 + 3)  # like the real file, the data starts misaligned
+    path = tmp_path / "model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for shape in shapes.values():
+            f.write(torch.randn(shape, generator=g).numpy().tobytes())
+    assert path.stat().st_size > 548_000_000
+    try:
+        start = time.perf_counter()
+        tensors = ckpt.load_safetensors(path)
+        seconds = time.perf_counter() - start
+        print(f"load_safetensors: {path.stat().st_size:,} bytes in {seconds:.2f} s")
+        assert seconds < 5
+        reference = safetensors_torch.load_file(path)
+        for key in ["wte.weight", "h.11.mlp.c_proj.bias"]:
+            assert torch.equal(tensors[key], reference[key])
+    finally:
+        path.unlink()
