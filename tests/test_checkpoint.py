@@ -233,11 +233,12 @@ class FakeHub:
     LFS files (*.safetensors, *.bin) answer 302 to /lfs/<sha256> with X-Linked-Etag and X-Linked-Size,
     like the hub's redirect to its storage servers, which honour Range requests. Unknown files: 404.
     Knobs: truncate_next (cut that many LFS answers halfway), corrupt (serve wrong LFS bytes),
-    stall (never answer), status (answer every request with this error code).
+    stall (never answer), status (answer every request with this error code). The repo's old name
+    answers with a relative redirect to the new one.
     """
 
-    def __init__(self, repo: str, files: dict[str, bytes]):
-        self.repo, self.files = repo, files
+    def __init__(self, repo: str, files: dict[str, bytes], old_name: str = "old-org/tiny"):
+        self.repo, self.files, self.old_name = repo, files, old_name
         self.commit = hashlib.sha1(b"commit").hexdigest()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.truncate_next, self.corrupt, self.stall, self.status = 0, False, False, None
@@ -278,6 +279,9 @@ class FakeHub:
             h.send_error(self.status)
             return
         path = urllib.parse.unquote(h.path)
+        if path.startswith(f"/{self.old_name}/resolve/"):  # a renamed repo: the hub redirects on its own host
+            self._send(h, 307, b"", {"Location": path.replace(self.old_name, self.repo, 1)}, send_body)
+            return
         if m := re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", path):
             repo, revision, name = m.groups()
             if repo != self.repo or revision not in ("main", self.commit) or name not in self.files:
@@ -317,9 +321,10 @@ class FakeHub:
         h.send_response(code)
         for k, v in headers.items():
             h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)) if code != 302 else "0")
+        redirect = 300 <= code < 400
+        h.send_header("Content-Length", "0" if redirect else str(len(body)))
         h.end_headers()
-        if send_body and code != 302:
+        if send_body and not redirect:
             h.wfile.write(body)
 
 
@@ -341,8 +346,9 @@ def _repo_dir(env: Path) -> Path:
     return env / "hf" / "models--org--tiny"
 
 
-def test_download_into_hf_cache_layout_then_reuse_without_network(env, hub, monkeypatch):
+def test_download_into_hf_cache_layout_then_reuse_without_network(env, hub, monkeypatch, capsys):
     config, state, files = ckpt.load_checkpoint(REPO, optional=["vocab.json", "generation_config.json"])
+    assert f"{REPO}/model.safetensors" in capsys.readouterr().err  # a progress bar per file
     assert config == json.loads(hub.files["config.json"])
     _assert_same(state, ckpt.load_safetensors(env / "src" / "model.safetensors"))
     assert sorted(files) == ["config.json", "model.safetensors", "vocab.json"]  # the 404 optional file is skipped
@@ -372,6 +378,13 @@ def test_download_into_hf_cache_layout_then_reuse_without_network(env, hub, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _assert_same(ckpt.load_checkpoint(REPO)[1], state)
     assert len(hub.requests) == n_requests
+
+
+def test_renamed_repo_redirect_is_followed(env, hub):
+    files = ckpt.resolve_files(hub.old_name, ["config.json", "model.safetensors"])
+    # Like huggingface_hub, the cache is keyed by the name the user asked for.
+    assert files["model.safetensors"].parent == env / "hf" / "models--old-org--tiny" / "snapshots" / hub.commit
+    assert files["model.safetensors"].read_bytes() == hub.files["model.safetensors"]
 
 
 def test_cache_written_by_huggingface_hub_is_reused_offline(env, hub, monkeypatch):
