@@ -655,7 +655,7 @@ def load_tokenizer(name_or_path: str) -> GPT2Tokenizer | SentencePieceTokenizer:
     """The tokenizer of a checkpoint: byte-level BPE (vocab.json + merges.txt), or sentencepiece
     when the checkpoint holds a `tokenizer.model`."""
     name = ALIASES.get(name_or_path, name_or_path)
-    files = resolve_files(name, required=[("vocab.json", "tokenizer.model")])
+    files = resolve_files(name, required=[("tokenizer.model", "vocab.json")])
     if "tokenizer.model" in files:
         return SentencePieceTokenizer(files["tokenizer.model"])
     files = resolve_files(name, required=["vocab.json", "merges.txt"])

@@ -238,6 +238,17 @@ def test_generate_greedy_matches_step_by_step_argmax(tiny):
     assert out.shape == (1, 6) and out[0, -1] == eos
 
 
+def test_generate_left_padded_batch_equals_rows_alone(tiny):
+    prompts = [torch.randint(0, 97, (n,)) for n in (6, 2, 4)]
+    idx = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        idx[b, 6 - len(p) :], mask[b, 6 - len(p) :] = p, True
+    out = tiny.generate(idx, 5, temperature=0, attention_mask=mask)
+    for b, p in enumerate(prompts):
+        assert torch.equal(out[b, 6:], tiny.generate(p[None], 5, temperature=0)[0, len(p) :])
+
+
 def test_checkpoint_key_errors_name_the_keys(tmp_path, tiny):
     config = tiny.config
     good = tiny.hf_state_dict()
@@ -258,7 +269,8 @@ def test_checkpoint_key_errors_name_the_keys(tmp_path, tiny):
 def test_save_pretrained_round_trip_and_transformers_reads_it(tmp_path, tiny):
     tiny.save_pretrained(tmp_path / "m")
     again = GPT.from_pretrained(str(tmp_path / "m"))
-    assert again.config == tiny.config
+    assert again.config == tiny.config and not again.training
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad and p.device.type == "cpu" for p in again.parameters())
     oracle = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
