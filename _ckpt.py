@@ -461,7 +461,8 @@ def _with_retries(url: str, attempt: Callable[[], _T]) -> _T:
                 raise
             if i == retries:
                 reason = getattr(e, "reason", None) or e  # URLError wraps the socket error in .reason
-                raise DownloadError(f"{url}: failed after {retries + 1} attempts ({_http_timeout():g} s time-out "
+                attempts = f"{retries + 1} attempt" + ("s" if retries else "")
+                raise DownloadError(f"{url}: failed after {attempts} ({_http_timeout():g} s time-out "
                                     f"each; $SEAL_HTTP_TIMEOUT, $SEAL_HTTP_RETRIES): {type(e).__name__}: {reason}. "
                                     f"Check the network or $HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use only local "
                                     f"files.") from e
@@ -572,11 +573,14 @@ def _download_blob(hub_file: _HubFile, blob: Path, label: str) -> None:
         if partial.stat().st_size < hub_file.size:  # http.client reports an early close as a normal end
             raise _ShortRead(f"connection closed after {partial.stat().st_size:,} of {hub_file.size:,} bytes")
 
-    _with_retries(hub_file.url, attempt)
+    try:
+        _with_retries(hub_file.url, attempt)
+    except urllib.error.HTTPError as e:  # e.g. an expired storage link: retrying the same URL will not help
+        raise DownloadError(f"{hub_file.url}: HTTP {e.code} {e.reason}") from None
     got = partial.stat().st_size
     if got != hub_file.size:
         partial.unlink()
-        raise DownloadError(f"{hub_file.url}: expected {hub_file.size:,} bytes (X-Linked-Size), got {got:,}; "
+        raise DownloadError(f"{hub_file.url}: expected {hub_file.size:,} bytes (as the hub announced), got {got:,}; "
                             f"the partial file was deleted, try again")
     if _SHA256.fullmatch(hub_file.etag):  # LFS files are named by the sha256 of their contents
         actual = _sha256_of(partial)

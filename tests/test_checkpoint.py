@@ -402,7 +402,7 @@ def test_truncated_download_is_resumed_with_range(env, hub, monkeypatch):
     size = len(hub.files["model.safetensors"])
     hub.truncate_next = 1
     monkeypatch.setenv("SEAL_HTTP_RETRIES", "0")
-    with pytest.raises(ckpt.DownloadError, match=rf"{hub.storage_url}/lfs/[0-9a-f]{{64}}: failed after 1 attempts"):
+    with pytest.raises(ckpt.DownloadError, match=rf"{hub.storage_url}/lfs/[0-9a-f]{{64}}: failed after 1 attempt "):
         ckpt.resolve_files(REPO, ["config.json", "model.safetensors"])
     partial = next((_repo_dir(env) / "blobs").glob("*.incomplete"))
     assert partial.stat().st_size == size // 2
