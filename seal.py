@@ -166,6 +166,12 @@ class Seal(nn.Module):
         self.decoder.eval()
         return self
 
+    @property
+    def projector_module(self) -> Projector:
+        # train.py wraps the projector in DistributedDataParallel under torchrun; checkpoints and
+        # configs always refer to the plain module inside.
+        return getattr(self.projector, "module", self.projector)
+
     # --- speech -> soft tokens
 
     @torch.no_grad()
@@ -252,8 +258,8 @@ class Seal(nn.Module):
     # --- checkpoints: only the projector, plus the config naming what it was trained with
 
     def save_projector(self, path: str | Path) -> None:
-        state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector.state_dict().items()}
-        meta = {"format": CHECKPOINT_FORMAT, "seal_config": json.dumps(self.config.to_dict())}
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector_module.state_dict().items()}
+        meta = {"seal_format": CHECKPOINT_FORMAT, "seal_config": json.dumps(self.config.to_dict())}
         save_safetensors(state, str(path), metadata=meta)
 
     def load_projector(self, path: str | Path) -> None:
@@ -265,9 +271,9 @@ class Seal(nn.Module):
                 raise ValueError(
                     f"{path}: projector was trained with {key}={actual!r}, but this Seal uses {key}={expected!r}"
                 )
-        if config.projector != self.projector.config:
-            raise ValueError(f"{path}: projector config {config.projector} != this Seal's {self.projector.config}")
-        self.projector.load_state_dict(state)
+        if config.projector != self.projector_module.config:
+            raise ValueError(f"{path}: projector config {config.projector} != this Seal's {self.projector_module.config}")
+        self.projector_module.load_state_dict(state)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Seal":
@@ -292,7 +298,7 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 def read_projector(path: str | Path) -> tuple[SealConfig, dict[str, torch.Tensor]]:
     """(SealConfig, projector state_dict) from a checkpoint written by Seal.save_projector."""
     meta = read_safetensors_metadata(path)
-    if meta.get("format") != CHECKPOINT_FORMAT or "seal_config" not in meta:
-        raise ValueError(f"{path}: not a Seal projector checkpoint (metadata 'format' is {meta.get('format')!r}, "
+    if meta.get("seal_format") != CHECKPOINT_FORMAT or "seal_config" not in meta:
+        raise ValueError(f"{path}: not a Seal projector checkpoint (metadata 'seal_format' is {meta.get('seal_format')!r}, "
                          f"expected {CHECKPOINT_FORMAT!r})")
     return SealConfig(**json.loads(meta["seal_config"])), load_safetensors(str(path))

@@ -1,0 +1,153 @@
+"""train.py end to end on a tiny world: the KL falls, frozen parts stay frozen, resume is exact,
+Ctrl-C and NaN are handled, DDP with 2 CPU processes equals one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_module
+from data import write_wav
+from decoder import GPT, GPTConfig, bytes_to_unicode
+from encoder import HuBERT, HuBERTConfig
+from train import TrainConfig, build_seal, epoch_batches, lr_at, main, precision_policy
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ["turn", "on", "off", "the", "lights", "music", "lamp", "kitchen", "bring", "shoes", "up", "down"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A tiny LM (byte-level vocabulary), a tiny HuBERT and a manifest of 24 noise 'utterances'."""
+    root = tmp_path_factory.mktemp("world")
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # larger weights than GPT-2's init, so that the next-token distributions depend on the context
+        lm.wte.weight.normal_(0, 1.0, generator=g)
+        for block in lm.h:
+            block.attn.c_attn.weight.normal_(0, 0.2, generator=g)
+            block.attn.c_proj.weight.normal_(0, 0.2, generator=g)
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    lm.save_pretrained(root / "lm", extra_files={"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"})
+    HuBERT(HuBERTConfig.preset("hubert-tiny")).save_pretrained(root / "enc")
+    lines = []
+    for i in range(24):
+        n = int(torch.randint(4000, 8000, (1,), generator=g))
+        write_wav(root / f"u{i}.wav", 0.1 * torch.randn(n, generator=g))
+        text = " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (3,), generator=g).tolist())
+        lines.append(json.dumps({"audio": f"u{i}.wav", "text": text}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return {"root": root, "lm": str(root / "lm"), "enc": str(root / "enc"), "data": f"manifest:{root / 'manifest.jsonl'}"}
+
+
+def argv(world: dict, out: Path, *extra: str) -> list[str]:
+    return ["--encoder", world["enc"], "--lm", world["lm"], "--data", world["data"], "--out-dir", str(out),
+            "--rate", "2", "--projector-hidden", "64", "--batch-size", "8", "--eval-size", "8", "--lr", "3e-3",
+            "--warmup-steps", "3", "--no-progress", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_schedule_batches_and_precision():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, cfg) == pytest.approx(0.55) and lr_at(14, cfg) == pytest.approx(0.1)
+    sizes = list(range(100))
+    a, b = epoch_batches(sizes, 8, seed=1, epoch=0), epoch_batches(sizes, 8, seed=1, epoch=1)
+    assert a == epoch_batches(sizes, 8, seed=1, epoch=0) and a != b
+    assert all(len(x) == 8 for x in a) and len({i for x in a for i in x}) == 96
+    assert precision_policy(torch.device("cpu")) == (None, False)
+    assert precision_policy(torch.device("cpu"), "fp16") == (torch.float16, True)
+
+
+def test_training_cuts_kl_and_keeps_encoder_and_lm_frozen(world, tmp_path):
+    cfg = TrainConfig(**vars(train_module.build_parser().parse_args(argv(world, tmp_path, "--max-steps", "40", "--eval-every", "20"))))
+    seal = build_seal(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in [*seal.encoder.state_dict().items(), *seal.decoder.state_dict().items()]}
+    train_module.train(cfg, seal=seal)
+    after = [*seal.encoder.state_dict().items(), *seal.decoder.state_dict().items()]
+    assert all(torch.equal(before[k], v) for k, v in after)
+    evals = [r for r in metrics(tmp_path) if "eval_kl" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["eval_kl"] < 0.5 * evals[0]["eval_kl"], evals
+    train_losses = [r["loss"] for r in metrics(tmp_path) if "loss" in r]
+    assert sum(train_losses[-5:]) < 0.3 * sum(train_losses[:5]), train_losses
+    assert (tmp_path / "projector.safetensors").exists() and (tmp_path / "ckpt.pt").exists()
+
+
+def test_resume_after_ctrl_c_is_exact(world, tmp_path, monkeypatch, capsys):
+    common = ("--max-steps", "20", "--eval-every", "100", "--save-every", "100", "--grad-accum", "2")
+    main(argv(world, tmp_path / "straight", *common))
+
+    real_lr_at = train_module.lr_at
+
+    def interrupt_at_10(step, cfg):
+        if step == 10:
+            raise KeyboardInterrupt
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(train_module, "lr_at", interrupt_at_10)
+    main(argv(world, tmp_path / "resumed", *common))
+    assert "interrupted at step 10" in capsys.readouterr().out
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 10
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    main(argv(world, tmp_path / "resumed", *common, "--resume"))
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for k in a["projector"]:
+        assert torch.equal(a["projector"][k], b["projector"][k]), k
+    # the optimizer state continued too
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
+
+
+def test_nan_stops_and_keeps_last_checkpoint(world, tmp_path, capsys):
+    main(argv(world, tmp_path, "--max-steps", "3", "--eval-every", "100", "--save-every", "100"))
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:  # an absurd learning rate blows the projector up
+        main(argv(world, tmp_path, "--max-steps", "30", "--eval-every", "100", "--save-every", "100",
+                  "--resume", "--lr", "1e30", "--warmup-steps", "0"))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: loss is" in err and "is intact" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == saved
+
+
+def test_user_errors_exit_2(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv(world, tmp_path, "--resume"))
+    assert e.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+    main(argv(world, tmp_path, "--max-steps", "1", "--eval-every", "100"))
+    with pytest.raises(SystemExit) as e:  # resuming with another projector
+        main(argv(world, tmp_path, "--max-steps", "2", "--rate", "4", "--resume"))
+    assert e.value.code == 2 and "rate=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--encoder", world["enc"]])
+    assert e.value.code == 2 and "together" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(argv(world, tmp_path, "--data", "tape:/dev/null"))
+    assert e.value.code == 2 and "unknown kind 'tape'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~35 s on a loaded 2-core machine: three process start-ups with model loading
+def test_torchrun_two_cpu_ranks_equal_single_process(world, tmp_path):
+    common = argv(world, tmp_path, "--max-steps", "6", "--eval-every", "100", "--save-every", "100")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single = [*common, "--out-dir", str(tmp_path / "single")]
+    subprocess.run([sys.executable, str(REPO / "train.py"), *single], check=True, env=env, timeout=300)
+    ddp = [*common, "--out-dir", str(tmp_path / "ddp"), "--cache", "disk"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    str(REPO / "train.py"), *ddp], check=True, env=env, timeout=300)
+    a = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["projector"]
+    ddp_state = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    checksums = ddp_state["rank_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # both ranks hold the same weights
+    b = ddp_state["projector"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

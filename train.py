@@ -1,0 +1,630 @@
+"""Train the Seal projector: the only trainable part between a frozen speech encoder and a frozen LM.
+
+    python train.py --encoder hubert-base --lm gpt2 --data librispeech:/data/LibriSpeech:train-clean-100
+    python train.py --encoder hubert-base --lm gpt2 --data fsc:/data/fluent_speech_commands_dataset --loss ce
+    torchrun --nproc_per_node=2 train.py --encoder ... --lm ... --data ...     # DistributedDataParallel
+    python train.py                                                            # the offline micro world
+
+What happens, top to bottom:
+1. Models: the encoder and LM are loaded with their own `from_pretrained` and frozen; the
+   projector is new (seal.py, projector.py).
+2. Data (`--data SPEC`): manifest:PATH, librispeech:ROOT[:SUBSET], fsc:ROOT, slurp:ROOT or
+   synthetic:DIR, read by data.py. Each item gives a waveform and its transcript t.
+3. Caches. The encoder is frozen, so its features for an utterance never change: they are computed
+   once, before training, and reused every epoch (in memory, or on disk with --cache disk). The same
+   holds for the teacher (the LM on [t][sep][o]): its final hidden states at the positions predicting o
+   are cached too, (len(o), C) floats per item, so a training step runs only projector + student LM.
+4. The loop: length-bucketed global batches (each rank takes its slice under torchrun), gradient
+   accumulation, AdamW (fused kernel on CUDA), linear warmup then cosine decay, gradient clipping,
+   mixed precision chosen by device (CUDA: bf16 autocast, or fp16 + GradScaler; CPU: fp32).
+   The loss is normalized by the number of target tokens in the whole global batch, so that 1 process
+   and N processes (or N accumulation steps) compute the same gradient.
+5. Every --eval-every steps: KL and teacher/student top-1 agreement on o on a held-out split.
+6. Checkpoints: `ckpt.pt` (projector, optimizer, scaler, step, sampler position, RNG states), written
+   atomically, so `--resume` continues exactly; plus `projector.safetensors` for fewshot.py. Ctrl-C
+   saves and exits; a NaN/Inf loss stops before touching the weights and leaves the last checkpoint.
+7. Output: a tqdm bar, `metrics.jsonl`, and `loss.png` when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from projector import Projector, ProjectorConfig, fused_kl_loss
+from seal import Seal, SealConfig
+
+CKPT_NAME = "ckpt.pt"  # full training state, for --resume
+PROJECTOR_NAME = "projector.safetensors"  # the deliverable: projector weights + Seal config
+METRICS_NAME = "metrics.jsonl"
+# TrainConfig fields that define the model being trained: --resume refuses a checkpoint that differs in any.
+MODEL_KEYS = ("encoder", "lm", "encoder_layer", "separator", "loss", "rate", "projector_mode", "projector_hidden")
+
+
+class UserError(ValueError):
+    """A mistake in the command line or the data: the CLI prints it as `error: ...` and exits 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is left as it was."""
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    encoder: str | None = None  # name or path, e.g. hubert-base
+    lm: str | None = None  # name or path, e.g. gpt2
+    data: str | None = None  # SPEC, see parse_data_spec
+    eval_data: str | None = None  # SPEC of the held-out split; default: the spec's own valid split, else --eval-size items held out
+    loss: str = "kl"  # kl (Seal) | ce (PSRT)
+    encoder_layer: int = -1
+    separator: str = " =>"
+    temperature: float = 1.0
+    rate: int = 4  # projector downsampling
+    projector_mode: str = "stack"
+    projector_hidden: int = 2048
+    # optimization
+    batch_size: int = 16  # global batch: examples per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_every: int = 200
+    eval_size: int = 64
+    save_every: int = 200
+    out_dir: str = "runs/seal"
+    resume: bool = False
+    # machinery
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    cache: str = "memory"  # memory | disk | none (encoder runs every step)
+    cache_teacher: bool = True
+    max_seconds: float = 20.0  # longer utterances are skipped with a count in the log, not silently
+    seed: int = 0
+    progress: bool = True
+
+
+# -----------------------------------------------------------------------------
+# Device and precision: one place decides
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def precision_policy(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed).
+
+    CUDA: bf16 autocast where the GPU supports it (same exponent range as fp32, no loss scaling),
+    else fp16 autocast with a GradScaler (fp16 gradients underflow without it). CPU: fp32, because
+    bf16 matmuls are much slower than fp32 on CPUs without AMX/AVX512-BF16.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, precision == "fp16"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def parse_data_spec(spec: str, split: str, seed: int = 0):
+    """SPEC -> a data.py dataset for `split` ("train" or "valid"); None if the source has no such split.
+
+    manifest:PATH               a manifest file (data.py's Manifest format); no valid split
+    librispeech:ROOT[:SUBSET]   LibriSpeech folder; SUBSET e.g. train-clean-100 (valid: dev-clean)
+    fsc:ROOT                    fluent_speech_commands_dataset folder (valid: valid_data.csv)
+    slurp:ROOT                  SLURP repository clone (valid: devel)
+    synthetic:DIR               synthetic FSC-style set written by `python data.py synth --out DIR`
+    """
+    import data
+
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise UserError(f"--data {spec!r}: expected KIND:PATH with KIND one of manifest, librispeech, fsc, slurp, synthetic")
+    if kind == "manifest":
+        return data.Manifest(rest) if split == "train" else None
+    if kind == "librispeech":
+        root, _, subset = rest.partition(":")
+        return data.LibriSpeech(root, subset or "train-clean-100") if split == "train" else data.LibriSpeech(root, "dev-clean")
+    if kind == "fsc":
+        return data.FluentSpeechCommands(rest, split)
+    if kind == "slurp":
+        return data.Slurp(rest, "devel" if split == "valid" else split)
+    if kind == "synthetic":
+        if not (Path(rest) / data.FSC_DIR).is_dir():
+            raise UserError(f"--data {spec!r}: no synthetic set in {rest}; write one with `python data.py synth --out {rest}`")
+        return data.FluentSpeechCommands(rest, split)
+    raise UserError(f"--data {spec!r}: unknown kind {kind!r}; expected manifest, librispeech, fsc, slurp or synthetic")
+
+
+@dataclass
+class Example:
+    """One utterance, reduced to what training needs."""
+    source: object  # the data.py dataset it comes from (audio is read from it only when needed)
+    index: int  # its row in `source`
+    n_samples: int  # waveform length at 16 kHz, from the file header (for length bucketing)
+    text_ids: list[int]  # t
+    target_ids: list[int]  # o: t again, following the separator (REFERENCE.md: the copy target)
+    feats: torch.Tensor | None = None  # (L, C_enc) encoder features, with --cache memory
+    feats_path: Path | None = None  # the same on disk, with --cache disk
+    teacher: torch.Tensor | None = None  # (len(o), C_lm) teacher hidden states predicting o
+
+    def wav(self) -> torch.Tensor:
+        return self.source[self.index]["wav"]
+
+
+def make_examples(dataset, tokenizer, max_samples: int) -> tuple[list[Example], int]:
+    """Examples for a dataset; utterances longer than max_samples are skipped and counted."""
+    examples, skipped = [], 0
+    for i, n in enumerate(dataset.lengths()):
+        if n > max_samples:
+            skipped += 1
+            continue
+        text = dataset.rows[i]["text"].strip()
+        # o follows the separator, so it is encoded with a leading space like any word inside a
+        # sentence (" turn on" rather than "turn on" for byte-level BPE; sentencepiece ignores it).
+        examples.append(Example(dataset, i, n, tokenizer.encode(text), tokenizer.encode(" " + text)))
+    return examples, skipped
+
+
+def pad_batch(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (L_i, ...) tensors into (B, L_max, ...) plus lengths (B,)."""
+    lengths = torch.tensor([t.shape[0] for t in tensors])
+    return torch.nn.utils.rnn.pad_sequence(list(tensors), batch_first=True), lengths
+
+
+@torch.no_grad()
+def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: torch.device, amp_dtype,
+                cache_dir: Path | None, desc: str) -> None:
+    """Encoder features and teacher states for every example, computed once before training.
+
+    The batches here are fixed (sorted by length, independent of the training order), so the cached
+    values, and hence training, are reproducible across --resume. With --cache disk, one file per
+    utterance under cache_dir/desc; files already there are reused (rank 0 writes, see train()).
+    """
+    per_batch = max(1, cfg.batch_size // cfg.grad_accum)
+    order = sorted(range(len(examples)), key=lambda i: examples[i].n_samples)
+    folder = cache_dir / desc if cache_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, e in enumerate(examples):
+            e.feats_path = folder / f"{i}.pt"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    bar = tqdm(range(0, len(order), per_batch), desc=f"caching {desc}", disable=not cfg.progress or rank != 0)
+    for start in bar:
+        batch = [examples[i] for i in order[start : start + per_batch]]
+        with autocast(device, amp_dtype):
+            todo = [e for e in batch if cfg.cache == "memory" or (cfg.cache == "disk" and not e.feats_path.exists())]
+            if todo:
+                wav, lengths = pad_batch([e.wav() for e in todo])
+                feats, frame_lengths = seal.encode(wav.to(device), lengths.to(device))
+                for j, e in enumerate(todo):
+                    f = feats[j, : frame_lengths[j]].float().cpu().clone()  # (L, C_enc)
+                    if cfg.cache == "memory":
+                        e.feats = f
+                    else:
+                        atomic_save(f, e.feats_path)
+            if cfg.cache_teacher:
+                h = seal.teacher_hidden([e.text_ids for e in batch], [e.target_ids for e in batch])
+                for e, part in zip(batch, h.float().cpu().split([len(e.target_ids) for e in batch])):
+                    e.teacher = part.clone()  # (len(o), C_lm)
+
+
+def batch_features(seal: Seal, batch: list[Example], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded encoder features (B, T, C) and frame lengths of a batch: cached, or by running the encoder."""
+    if batch[0].feats is not None:
+        feats, lengths = pad_batch([e.feats for e in batch])
+    elif batch[0].feats_path is not None:
+        feats, lengths = pad_batch([torch.load(e.feats_path, weights_only=True) for e in batch])
+    else:
+        wav, lengths = pad_batch([e.wav() for e in batch])
+        return seal.encode(wav.to(device), lengths.to(device))
+    return feats.to(device), lengths.to(device)
+
+
+def epoch_batches(sizes: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 50) -> list[list[int]]:
+    """Global batches for one epoch, a pure function of (seed, epoch) so that --resume can replay it.
+
+    Shuffle, then sort each run of `bucket` batches' worth of items by length and cut it into
+    batches (similar lengths -> little padding), then shuffle the batches. A run's last items that do
+    not fill a batch wait for the next epoch; they differ every epoch, so no utterance is left out for good.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(sizes), generator=g).tolist()
+    batches = []
+    for i in range(0, len(order), batch_size * bucket):
+        run = sorted(order[i : i + batch_size * bucket], key=lambda j: sizes[j])
+        batches += [run[k : k + batch_size] for k in range(0, len(run) - batch_size + 1, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Schedule and checkpoints
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at max_steps. The schedule's state is the step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write never corrupts the old checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE set): gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(seal: Seal, examples: list[Example], cfg: TrainConfig, device, amp_dtype, rank: int, world: int) -> dict:
+    """KL(teacher || student) per target token and top-1 agreement on o, over this rank's shard, summed over ranks."""
+    seal.eval()
+    kl_sum = agree = tokens = 0.0
+    mine = examples[rank::world]
+    step = max(1, cfg.batch_size // max(cfg.grad_accum, 1))
+    W = seal.decoder.wte.weight
+    for i in range(0, len(mine), step):
+        batch = mine[i : i + step]
+        with autocast(device, amp_dtype):
+            feats, lengths = batch_features(seal, batch, device)
+            targets = [e.target_ids for e in batch]
+            h_s = seal.student_hidden(seal.speech_embeds(feats, lengths), targets)
+            h_t = (torch.cat([e.teacher for e in batch]).to(device) if batch[0].teacher is not None
+                   else seal.teacher_hidden([e.text_ids for e in batch], targets))
+        kl_sum += float(fused_kl_loss(h_s, h_t, W, temperature=cfg.temperature, reduction="sum"))
+        agree += float((seal.top1(h_s) == seal.top1(h_t)).sum())
+        tokens += h_s.shape[0]
+    seal.train()
+    kl_sum, agree, tokens = all_reduce_sum([kl_sum, agree, tokens], device)
+    return {"eval_kl": kl_sum / max(tokens, 1), "eval_top1_agreement": agree / max(tokens, 1)}
+
+
+def build_seal(cfg: TrainConfig, device: torch.device) -> Seal:
+    from decoder import GPT, load_tokenizer
+    from encoder import HuBERT
+
+    encoder = HuBERT.from_pretrained(cfg.encoder)
+    lm = GPT.from_pretrained(cfg.lm)
+    projector = Projector(ProjectorConfig(in_dim=encoder.config.n_embd, out_dim=lm.config.n_embd, rate=cfg.rate,
+                                          mode=cfg.projector_mode, hidden_dim=cfg.projector_hidden))
+    seal_cfg = SealConfig(encoder=cfg.encoder, lm=cfg.lm, encoder_layer=cfg.encoder_layer, separator=cfg.separator,
+                          loss=cfg.loss, temperature=cfg.temperature, projector=projector.config)
+    return Seal(encoder, projector, lm, load_tokenizer(cfg.lm), seal_cfg).to(device)
+
+
+def load_data(cfg: TrainConfig, seal: Seal) -> tuple[list[Example], list[Example]]:
+    """(train examples, held-out examples) from --data / --eval-data."""
+    from data import SAMPLE_RATE
+
+    max_samples = int(cfg.max_seconds * SAMPLE_RATE)
+    train_set = parse_data_spec(cfg.data, "train", cfg.seed)
+    eval_set = parse_data_spec(cfg.eval_data, "train", cfg.seed) if cfg.eval_data else parse_data_spec(cfg.data, "valid", cfg.seed)
+    train, skipped = make_examples(train_set, seal.tokenizer, max_samples)
+    if eval_set is not None:
+        held, skipped_eval = make_examples(eval_set, seal.tokenizer, max_samples)
+        held, skipped = held[: cfg.eval_size], skipped + skipped_eval
+    else:  # hold out a seeded random subset of the training data
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        out = set(order[: min(cfg.eval_size, len(train) // 5)])
+        held = [e for i, e in enumerate(train) if i in out]
+        train = [e for i, e in enumerate(train) if i not in out]
+    if skipped:
+        tqdm.write(f"skipped {skipped} utterances longer than --max-seconds {cfg.max_seconds}")
+    if len(train) < cfg.batch_size:
+        raise UserError(f"--data {cfg.data}: {len(train)} training utterances, fewer than --batch-size {cfg.batch_size}")
+    return train, held
+
+
+def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None) -> dict:
+    """Train; returns the last metrics record. `seal` and `data` (train examples, held-out examples)
+    may be given directly (tests, the micro world); otherwise they are built from cfg."""
+    rank, world, device = setup_distributed(cfg.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} x --grad-accum {cfg.grad_accum}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    amp_dtype, use_scaler = precision_policy(device, cfg.precision)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    seal = (seal or build_seal(cfg, device)).to(device)
+    train_ex, held = data or load_data(cfg, seal)
+    cache_dir = out / "cache" if cfg.cache == "disk" else None
+    # With a disk cache and several ranks, rank 0 writes the feature files first; the others wait,
+    # then find every file in place and only compute the (in-memory) teacher states.
+    if cache_dir is not None and world > 1 and rank != 0:
+        dist.barrier()
+    fill_caches(seal, train_ex, cfg, device, amp_dtype, cache_dir, "train")
+    fill_caches(seal, held, cfg, device, amp_dtype, cache_dir, "eval")
+    if cache_dir is not None and world > 1 and rank == 0:
+        dist.barrier()
+
+    projector = seal.projector_module
+    if cfg.compile:
+        seal.decoder = torch.compile(seal.decoder)
+        projector.compile()
+    if world > 1:
+        seal.projector = torch.nn.parallel.DistributedDataParallel(projector, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    step, epoch, position = 0, 0, 0
+    ckpt_path = out / CKPT_NAME
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        for key in MODEL_KEYS:
+            if state["config"][key] != getattr(cfg, key):
+                raise UserError(f"--resume: {ckpt_path} was trained with {key}={state['config'][key]!r}, "
+                                f"this run has {key}={getattr(cfg, key)!r}")
+        projector.load_state_dict(state["projector"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+
+    def save() -> None:
+        # Every rank's RNG state is gathered so that each resumes its own stream; so is a checksum of
+        # its weights, which DDP keeps identical (a difference would mean the ranks trained apart).
+        checksum = sum(float(p.detach().double().sum()) for p in projector.parameters())
+        rngs, checksums = [rng_state()], [checksum]
+        if world > 1:
+            rngs, checksums = [None] * world, [None] * world
+            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(checksums, checksum)
+        if rank == 0:
+            atomic_save({"projector": projector.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "position": position,
+                         "rng": rngs, "rank_checksums": checksums, "config": asdict(cfg)}, ckpt_path)
+            seal.save_projector(out / (PROJECTOR_NAME + ".tmp"))
+            os.replace(out / (PROJECTOR_NAME + ".tmp"), out / PROJECTOR_NAME)
+
+    sizes = [e.n_samples for e in train_ex]
+    batches = epoch_batches(sizes, cfg.batch_size, cfg.seed, epoch)
+    metrics_file = open(out / METRICS_NAME, "a") if rank == 0 else None
+    history: list[dict] = []
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    if step == 0 and held:  # the starting point of the eval curve
+        log({"step": 0, **evaluate(seal, held, cfg, device, amp_dtype, rank, world)})
+    seal.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress or rank != 0)
+    last: dict = {}
+    try:
+        while step < cfg.max_steps:
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = epoch_batches(sizes, cfg.batch_size, cfg.seed, epoch)
+            t0 = time.perf_counter()
+            mine = [train_ex[i] for i in batches[position][rank::world]]  # this rank's slice of the global batch
+            micro = [mine[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
+            # Normalize by the target tokens of the whole global batch (all ranks, all micro-batches):
+            # then the summed gradients equal those of one big batch on one process.
+            (n_global,) = all_reduce_sum([float(sum(len(e.target_ids) for e in mine))], device)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for k, mb in enumerate(micro):
+                sync = k == len(micro) - 1 or world == 1
+                with (contextlib.nullcontext() if sync else seal.projector.no_sync()):
+                    with autocast(device, amp_dtype):
+                        feats, lengths = batch_features(seal, mb, device)
+                        teacher = torch.cat([e.teacher for e in mb]).to(device) if mb[0].teacher is not None else None
+                        loss, _ = seal.loss(feats, lengths, [e.text_ids for e in mb], [e.target_ids for e in mb],
+                                            teacher_hidden=teacher, reduction="sum")
+                        loss = loss * (world / n_global)  # DDP averages over ranks; undo that, divide by tokens
+                    scaler.scale(loss).backward()
+                loss_sum += float(loss.detach()) / world
+            (loss_sum,) = all_reduce_sum([loss_sum], device)
+            if not math.isfinite(loss_sum):
+                kept = f"the last good checkpoint {ckpt_path} is intact" if ckpt_path.exists() else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss is {loss_sum} at step {step}; stopping before the update, {kept}. "
+                                       f"Try a lower --lr (now {cfg.lr}) or --precision fp32.")
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.grad_clip))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, position = step + 1, position + 1
+            dt = time.perf_counter() - t0
+            last = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                    "utt_per_s": cfg.batch_size / dt, "tokens_per_s": n_global / dt}
+            log(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", utt_s=f"{cfg.batch_size / dt:.1f}")
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                if held:
+                    last = {"step": step, **evaluate(seal, held, cfg, device, amp_dtype, rank, world)}
+                    log(last)
+                    bar.write(f"step {step}: eval KL {last['eval_kl']:.4f}, top-1 agreement {last['eval_top1_agreement']:.3f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save()
+    except KeyboardInterrupt:
+        save()
+        bar.write(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume")
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    if rank == 0:
+        plot_losses(out / METRICS_NAME, out / "loss.png")
+    return last
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Training loss and eval KL against step, if matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in open(metrics_path)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train loss"), ("eval_kl", "eval KL")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def run_micro_world(argv: Sequence[str]) -> None:
+    """`python train.py` with no --encoder/--lm/--data: the offline micro world (issue 6, built by the world
+    helper, which replaces this function)."""
+    raise UserError("the micro world is not built yet; give --encoder, --lm and --data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    helps = {
+        "encoder": "speech encoder name or path (e.g. hubert-base)", "lm": "LM name or path (e.g. gpt2)",
+        "data": "manifest:PATH | librispeech:ROOT[:SUBSET] | fsc:ROOT | slurp:ROOT | synthetic:DIR",
+        "eval_data": "held-out SPEC (default: the source's valid split, else --eval-size items held out)",
+        "loss": "kl: Seal (KL to the text teacher); ce: PSRT (cross-entropy on the transcript)",
+        "encoder_layer": "encoder layer feeding the projector (-1: last)",
+        "rate": "projector downsampling factor (frames per soft token)",
+        "projector_mode": "stack (concatenate frames) or conv (strided convolution)",
+        "batch_size": "global batch (utterances per optimizer step, all ranks and accumulation steps together)",
+        "precision": "auto (CUDA: bf16, or fp16 + GradScaler; CPU: fp32), fp32, bf16 or fp16",
+        "cache": "encoder features: memory, disk (out_dir/cache) or none (run the encoder every step)",
+        "max_seconds": "skip (and count) longer utterances",
+    }
+    choices = {"loss": ["kl", "ce"], "projector_mode": ["stack", "conv"], "cache": ["memory", "disk", "none"],
+               "precision": ["auto", "fp32", "bf16", "fp16"]}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            p.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+                           help=(helps.get(f.name, "") + f" (default: {default})").strip())
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    try:
+        given = [args.encoder is not None, args.lm is not None, args.data is not None]
+        if not any(given):
+            return run_micro_world(argv if argv is not None else sys.argv[1:])
+        if not all(given):
+            raise UserError("give --encoder, --lm and --data together (or none of them for the micro world)")
+        return train(TrainConfig(**vars(args)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
