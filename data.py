@@ -410,12 +410,15 @@ class _Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0                                    # 0 = keep going
 
+    def _select_voice(self, voice: Voice) -> None:
+        if self.lib.espeak_SetVoiceByName(f"{voice.accent}+{voice.variant}".encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice.accent}+{voice.variant}")
+
     def render(self, text: str, voice: Voice, seed: int) -> np.ndarray:
         """int16 samples at 22,050 Hz. Call under self.lock (and, for determinism, in a fresh fork)."""
         self._chunks = []
         self._libc.srand(seed & 0xFFFFFFFF)
-        if self.lib.espeak_SetVoiceByName(f"{voice.accent}+{voice.variant}".encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice.accent}+{voice.variant}")
+        self._select_voice(voice)
         for param, value in ((ESPEAK_RATE_PARAM, voice.rate), (ESPEAK_PITCH_PARAM, voice.pitch),
                              (ESPEAK_RANGE_PARAM, voice.pitch_range)):
             self.lib.espeak_SetParameter(param, value, 0)
