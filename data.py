@@ -283,7 +283,7 @@ RESAMPLE_MIN_PHASES = 16    # compute at least this many output phases per conv 
 
 @lru_cache(maxsize=32)
 def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
-    """Polyphase filter bank for a gcd-reduced ratio orig -> new. Returns (kernel (new, 1, K), pad)."""
+    """Polyphase filter bank for the integer ratio orig -> new. Returns (kernel (new, 1, K), pad)."""
     cutoff = min(orig, new) * RESAMPLE_ROLLOFF / 2 / orig    # cycles per input sample
     half = RESAMPLE_ZEROS / (2 * cutoff)                      # half-width in input samples
     pad = math.ceil(half)
@@ -403,7 +403,9 @@ class _Espeak:
         lib.espeak_SetSynthCallback(self._callback)
         self._libc = ctypes.CDLL(None)              # espeak's noise sources use libc rand()
         self.lock = threading.Lock()
+        # Known names, checked in the parent: selecting a voice here would change espeak's state.
         self.variants = set(os.listdir(self.data_path / "voices" / "!v"))
+        self.accents = {p.name.lower() for p in (self.data_path / "lang").rglob("*") if p.is_file()}
 
     def _on_samples(self, wav, n, events) -> int:
         if n > 0:
@@ -440,14 +442,16 @@ class _Espeak:
         def launch(job) -> None:
             r, w = os.pipe()
             pid = os.fork()
-            if pid == 0:                           # child: render, write raw int16, exit
+            if pid == 0:                           # child: render, write raw int16 (or the error), exit
                 os.close(r)
                 code = 1
                 try:
-                    samples = self.render(*job)
                     with os.fdopen(w, "wb") as f:
-                        f.write(samples.tobytes())
-                    code = 0
+                        try:
+                            f.write(self.render(*job).tobytes())
+                            code = 0
+                        except Exception as e:
+                            f.write(str(e).encode())
                 finally:
                     os._exit(code)
             os.close(w)
@@ -463,7 +467,8 @@ class _Espeak:
                 data = f.read()
             _, status = os.waitpid(pid, 0)
             if status != 0:
-                raise RuntimeError(f"espeak-ng render process failed (wait status {status})")
+                raise RuntimeError(f"espeak-ng render process failed (wait status {status}): "
+                                   f"{data.decode(errors='replace')[:500]}")
             job = next(it, None)
             if job is not None:
                 launch(job)
@@ -521,9 +526,11 @@ def synthesize_many(jobs: Sequence[tuple[str, Voice, int]], cache_dir: str | Pat
             todo.append(i)
     if todo:
         engine = _espeak()
-        for job in {(jobs[i][1].accent, jobs[i][1].variant) for i in todo}:
-            if job[1] not in engine.variants:
-                raise ValueError(f"unknown espeak variant {job[1]!r} (have {sorted(engine.variants)[:8]}...)")
+        for accent, variant in {(jobs[i][1].accent, jobs[i][1].variant) for i in todo}:
+            if variant not in engine.variants:
+                raise ValueError(f"unknown espeak variant {variant!r} (e.g. {', '.join(VARIANTS)})")
+            if accent.lower() not in engine.accents:
+                raise ValueError(f"unknown espeak accent {accent!r} (e.g. {', '.join(ACCENTS)})")
         parallel = parallel or os.cpu_count() or 1
         with engine.lock:
             rendered = engine.render_forked([jobs[i] for i in todo], parallel)
@@ -1004,6 +1011,7 @@ def _entity_spans(words: list[str], entities: list[tuple[str, str]]) -> list[dic
 #     unsupported width, zero-length, longer than MAX_SECONDS), cheaply, without decoding;
 #   - problems only visible in the samples (NaN/Inf, a corrupt FLAC stream) surface in
 #     __getitem__: it then returns None, and `collate` leaves such items out of the batch.
+#     (With DataLoader workers, those skips are logged and counted inside the workers.)
 
 
 class AudioDataset(torch.utils.data.Dataset):

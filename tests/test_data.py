@@ -373,6 +373,8 @@ def test_synthesis_is_deterministic_cached_and_voice_dependent(tmp_path, monkeyp
     assert all(torch.equal(x, y) for x, y in zip(forward, backward))
     with pytest.raises(ValueError, match="unknown espeak variant"):
         data.synthesize("hello", Voice("en-us", "nonexistent"))
+    with pytest.raises(ValueError, match="unknown espeak accent"):
+        data.synthesize("hello", Voice("en-mars", "m1"))
 
 
 # ---------------------------------------------------------------------------------------------
