@@ -45,7 +45,7 @@ import math
 import re
 import sys
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -358,7 +358,7 @@ class GPT(nn.Module):
         return out
 
     @staticmethod
-    def _attention_mask(attention_mask: Tensor | None, T_past: int, T: int, device) -> Tensor | None:
+    def _attention_mask(attention_mask: Tensor | None, T_past: int, T: int, device: torch.device) -> Tensor | None:
         """Boolean mask (B or 1, 1, T, T_past + T) for SDPA, or None for the plain causal case."""
         if attention_mask is None and T_past == 0:
             return None  # SDPA's is_causal=True path
