@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# The checkpoint code is drafted in _ckpt.py; once it is pasted into decoder.py this becomes `import decoder as ckpt`.
-import _ckpt as ckpt
+import decoder as ckpt  # the checkpoint I/O lives in the appendix of decoder.py
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
