@@ -33,6 +33,8 @@ Checkpoints
 pytorch_model.bin). Their weight names match our module names (wte, wpe, h.N.attn.c_attn, ...) with
 one historical twist: OpenAI's projections are "Conv1D" layers that store W as (in, out) and compute
 x @ W + b, while nn.Linear stores (out, in), so those four weights are transposed on the way in.
+How files are found, downloaded and read (safetensors, .bin, the hub cache) is the appendix at the
+end of this file; encoder.py reuses it.
 
 Run it:  python decoder.py --lm gpt2 --prompt "Hello, my name is" --max-new-tokens 20
 """
