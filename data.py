@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -38,8 +38,8 @@ import os
 import random
 import re
 import struct
+import subprocess
 import sys
-import threading
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -342,27 +342,32 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torc
 # Determinism. espeak-ng keeps hidden state between utterances (e.g. a function-static pitch
 # "flutter" phase, and libc rand() for noise sources), so the same text and voice rendered twice
 # in one process gives slightly different samples (measured here: lengths differing by ~10
-# samples, waveforms diverging after ~90 ms). We therefore render every utterance in a fresh
-# fork of a process that initialized espeak but never synthesized, after srand(seed): each
-# render starts from the same state, and output is a pure function of (text, voice, seed). The
-# fork costs ~20 ms; running os.cpu_count() renders at once keeps thousands per minute.
-# Where fork is unavailable (Windows) we render in-process and say that output may vary.
-
-AUDIO_OUTPUT_SYNCHRONOUS = 2                 # espeak_AUDIO_OUTPUT enum
-ESPEAK_RATE_PARAM, ESPEAK_VOLUME_PARAM, ESPEAK_PITCH_PARAM, ESPEAK_RANGE_PARAM = 1, 2, 3, 4
-POS_CHARACTER, ESPEAK_CHARS_UTF8 = 1, 1
+# samples, waveforms diverging after ~90 ms; re-initializing the library does not help). So
+# every utterance is rendered in a fresh fork of a process that initialized espeak but never
+# spoke, after srand(seed): each render starts from the same state, and the output is a pure
+# function of (text, voice, seed).
+#
+# Speed. Forking *this* process is slow, because torch makes it big (measured: ~27 ms of CPU
+# per utterance, most of it in the kernel). So the forking is done by small worker processes
+# that run only `_espeak_worker` below, standard library and ctypes (~11 ms of CPU per
+# utterance, render included). A worker is started as `python -c <source of _espeak_worker>`,
+# so it never imports torch. Without fork (Windows) a worker renders in-process, and output
+# may then differ slightly between runs.
 
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc",
            "en-gb-x-gbclan", "en-gb-x-gbcwmd")
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "klatt", "klatt2",
-            "klatt3")
+# Variant voices (files in espeak-ng-data/voices/!v). f2, f3 and f5 are left out: their
+# "breath" noise differs between processes even after srand (measured), which would break
+# determinism; tests/test_data.py checks every variant listed here renders reproducibly.
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f4", "anika", "linda", "steph",
+            "Alex", "david", "john", "klatt", "klatt2", "klatt3")
 
 
 @dataclass(frozen=True)
 class Voice:
     """One synthetic speaker: an espeak accent and variant plus prosody and channel settings."""
     accent: str = "en-us"               # espeak language voice (an English accent)
-    variant: str = "m3"                 # espeak variant file in voices/!v (m1..m7, f1..f4, klatt..)
+    variant: str = "m3"                 # espeak variant file in voices/!v (see VARIANTS)
     rate: int = 175                     # words per minute (espeak default 175)
     pitch: int = 50                     # base pitch, 0..100
     pitch_range: int = 50               # intonation range, 0..100
@@ -371,113 +376,163 @@ class Voice:
 
     @property
     def speaker_id(self) -> str:
-        """A readable, filesystem-safe id that determines the voice, e.g. 'en-us_m3_r175_p50_g90_n20'."""
+        """A readable, filesystem-safe id that determines the voice, e.g. 'en-us_m3_r175_p50_i50_g90_clean'."""
         noise = "clean" if self.noise_snr_db is None else f"n{self.noise_snr_db:g}"
         return (f"{self.accent}_{self.variant}_r{self.rate}_p{self.pitch}_i{self.pitch_range}"
                 f"_g{round(self.gain * 100)}_{noise}")
 
 
-class _Espeak:
-    """The process-global espeak-ng library: initialized once, used under a lock."""
+def _espeak_worker(lib_path: str, data_path: str) -> None:
+    """Main loop of a render worker: JSON jobs on stdin, one reply per job on stdout.
 
-    def __init__(self) -> None:
-        try:
-            import espeakng_loader
-        except ImportError as e:
-            raise ImportError("synthetic speech needs espeak-ng from the pip package "
-                              "'espeakng-loader': pip install espeakng-loader") from e
-        self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        self.data_path = Path(espeakng_loader.get_data_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self.rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data_path).encode(), 0)
-        if self.rate != ESPEAK_RATE:
-            raise RuntimeError(f"espeak-ng initialisation failed or reports {self.rate} Hz "
-                               f"(expected {ESPEAK_RATE}); data path {self.data_path}")
-        self._chunks: list[np.ndarray] = []
-        cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-        self._callback = cb_type(self._on_samples)  # keep a reference: C holds only the pointer
-        lib.espeak_SetSynthCallback(self._callback)
-        self._libc = ctypes.CDLL(None)              # espeak's noise sources use libc rand()
-        self.lock = threading.Lock()
-        # Known names, checked in the parent: selecting a voice here would change espeak's state.
-        self.variants = set(os.listdir(self.data_path / "voices" / "!v"))
-        self.accents = {p.name.lower() for p in (self.data_path / "lang").rglob("*") if p.is_file()}
+    Runs in its own interpreter (see "Speed" above), so it uses only the standard library.
+    The espeak-ng C API, in synchronous mode:
+      espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, ...) -> the output rate (22,050 Hz)
+      espeak_SetSynthCallback(cb)                       -> cb receives blocks of int16 samples
+      espeak_SetVoiceByName("en-us+m3"), espeak_SetParameter(RATE / PITCH / RANGE, value)
+      espeak_Synth(text) then espeak_Synchronize()      -> returns when all samples are out
+    Startup: the worker writes the output rate (int32). Reply to a job: a status byte (0 ok,
+    1 error), a uint32 length, then the int16 samples or the error text.
+    """
+    import ctypes
+    import json
+    import os
+    import struct
+    import sys
 
-    def _on_samples(self, wav, n, events) -> int:
+    AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, ESPEAK_CHARS_UTF8 = 2, 1, 1   # espeak-ng enums
+    PARAMS = {"rate": 1, "pitch": 3, "range": 4}                              # espeak_PARAMETER
+    lib = ctypes.CDLL(lib_path)
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                 ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
+    chunks: list[bytes] = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    def on_samples(wav, n, events):
         if n > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0                                    # 0 = keep going
+            chunks.append(ctypes.string_at(wav, 2 * n))
+        return 0                                   # 0 = keep going
 
-    def _select_voice(self, voice: Voice) -> None:
-        if self.lib.espeak_SetVoiceByName(f"{voice.accent}+{voice.variant}".encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice.accent}+{voice.variant}")
+    lib.espeak_SetSynthCallback(on_samples)
+    libc = ctypes.CDLL(None)                       # espeak's noise sources use libc rand()
 
-    def render(self, text: str, voice: Voice, seed: int) -> np.ndarray:
-        """int16 samples at 22,050 Hz. Call under self.lock (and, for determinism, in a fresh fork)."""
-        self._chunks = []
-        self._libc.srand(seed & 0xFFFFFFFF)
-        self._select_voice(voice)
-        for param, value in ((ESPEAK_RATE_PARAM, voice.rate), (ESPEAK_PITCH_PARAM, voice.pitch),
-                             (ESPEAK_RANGE_PARAM, voice.pitch_range)):
-            self.lib.espeak_SetParameter(param, value, 0)
-        b = text.encode("utf-8") + b"\0"
-        if self.lib.espeak_Synth(b, len(b), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None) != 0:
-            raise RuntimeError(f"espeak-ng failed to synthesize {text!r}")
-        self.lib.espeak_Synchronize()
-        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+    def render(job: dict) -> bytes:
+        chunks.clear()
+        libc.srand(job["seed"])
+        if lib.espeak_SetVoiceByName(job["voice"].encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {job['voice']!r}")
+        for name, param in PARAMS.items():
+            lib.espeak_SetParameter(param, job[name], 0)
+        text = job["text"].encode("utf-8") + b"\0"
+        if lib.espeak_Synth(text, len(text), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None) != 0:
+            raise RuntimeError(f"espeak-ng failed to synthesize {job['text']!r}")
+        lib.espeak_Synchronize()
+        return b"".join(chunks)
 
-    def render_forked(self, jobs: Sequence[tuple[str, Voice, int]], parallel: int) -> Iterator[np.ndarray]:
-        """Render each job in its own fork (see 'Determinism' above), `parallel` at a time, in order."""
-        if not hasattr(os, "fork"):
-            for text, voice, seed in jobs:
-                yield self.render(text, voice, seed)
-            return
-        pending: list[tuple[int, int]] = []        # (pid, read fd) in job order
-        it = iter(jobs)
+    def reply_to(job: dict) -> bytes:
+        try:
+            return b"\0" + render(job)
+        except Exception as e:
+            return b"\1" + str(e).encode()
 
-        def launch(job) -> None:
+    out = sys.stdout.buffer
+    out.write(struct.pack("<i", rate))
+    out.flush()
+    for line in sys.stdin.buffer:
+        job = json.loads(line)
+        if hasattr(os, "fork"):
             r, w = os.pipe()
             pid = os.fork()
-            if pid == 0:                           # child: render, write raw int16 (or the error), exit
+            if pid == 0:                           # child: render once from the pristine state
                 os.close(r)
-                code = 1
-                try:
-                    with os.fdopen(w, "wb") as f:
-                        try:
-                            f.write(self.render(*job).tobytes())
-                            code = 0
-                        except Exception as e:
-                            f.write(str(e).encode())
-                finally:
-                    os._exit(code)
+                with os.fdopen(w, "wb") as f:
+                    f.write(reply_to(job))
+                os._exit(0)
             os.close(w)
-            pending.append((pid, r))
-
-        for job in it:
-            launch(job)
-            if len(pending) >= parallel:
-                break
-        while pending:
-            pid, r = pending.pop(0)
             with os.fdopen(r, "rb") as f:
-                data = f.read()
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                raise RuntimeError(f"espeak-ng render process failed (wait status {status}): "
-                                   f"{data.decode(errors='replace')[:500]}")
-            job = next(it, None)
-            if job is not None:
-                launch(job)
-            yield np.frombuffer(data, dtype=np.int16)
+                reply = f.read()
+            os.waitpid(pid, 0)
+            reply = reply or b"\1" + b"render process died"
+        else:
+            reply = reply_to(job)
+        out.write(reply[:1] + struct.pack("<I", len(reply) - 1) + reply[1:])
+        out.flush()
 
 
 @lru_cache(maxsize=1)
-def _espeak() -> _Espeak:
-    return _Espeak()
+def _espeak_files() -> tuple[str, str, frozenset[str], frozenset[str]]:
+    """(library path, data path, known accents, known variants) from espeakng-loader."""
+    try:
+        import espeakng_loader
+    except ImportError as e:
+        raise ImportError("synthetic speech needs espeak-ng from the pip package "
+                          "'espeakng-loader': pip install espeakng-loader") from e
+    data_path = Path(espeakng_loader.get_data_path())
+    accents = frozenset(p.name.lower() for p in (data_path / "lang").rglob("*") if p.is_file())
+    variants = frozenset(os.listdir(data_path / "voices" / "!v"))
+    return espeakng_loader.get_library_path(), str(data_path), accents, variants
+
+
+class _EspeakWorkers:
+    """A pool of `n` render workers (see _espeak_worker); render(jobs) yields int16 arrays in order."""
+
+    def __init__(self, n: int) -> None:
+        lib_path, data_path, _, _ = _espeak_files()
+        source = inspect.getsource(_espeak_worker) + f"\n_espeak_worker({lib_path!r}, {data_path!r})\n"
+        self.procs = [subprocess.Popen([sys.executable, "-I", "-c", source], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE) for _ in range(n)]
+        for p in self.procs:
+            header = p.stdout.read(4)
+            rate = struct.unpack("<i", header)[0] if len(header) == 4 else -1
+            if rate != ESPEAK_RATE:
+                self.close()
+                raise RuntimeError(f"espeak-ng worker failed to start (reported rate {rate}, expected "
+                                   f"{ESPEAK_RATE}); library {lib_path}, data {data_path}")
+
+    def _send(self, i: int, job: tuple[str, Voice, int]) -> None:
+        text, voice, seed = job
+        msg = {"text": text, "voice": f"{voice.accent}+{voice.variant}", "rate": voice.rate,
+               "pitch": voice.pitch, "range": voice.pitch_range, "seed": seed & 0x7FFFFFFF}
+        stdin = self.procs[i % len(self.procs)].stdin
+        stdin.write(json.dumps(msg).encode() + b"\n")
+        stdin.flush()
+
+    def render(self, jobs: Sequence[tuple[str, Voice, int]]) -> Iterator[np.ndarray]:
+        # Job i goes to worker i % n. Keep two jobs per worker in flight, and read the replies in
+        # job order: worker (i % n) answers its jobs in the order it got them.
+        ahead = 2 * len(self.procs)
+        for i in range(min(ahead, len(jobs))):
+            self._send(i, jobs[i])
+        for i, job in enumerate(jobs):
+            stdout = self.procs[i % len(self.procs)].stdout
+            head = stdout.read(5)
+            if len(head) < 5:
+                raise RuntimeError(f"espeak-ng worker died while rendering {job[0]!r}")
+            status, size = head[0], struct.unpack("<I", head[1:])[0]
+            payload = stdout.read(size)
+            if status != 0:
+                raise RuntimeError(f"espeak-ng could not render {job[0]!r} with {job[1]}: "
+                                   f"{payload.decode(errors='replace')}")
+            if i + ahead < len(jobs):
+                self._send(i + ahead, jobs[i + ahead])
+            yield np.frombuffer(payload, dtype=np.int16)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()       # end of input: the worker's loop ends and it exits
+        for p in self.procs:
+            p.stdout.close()
+            p.wait(timeout=30)
+
+    def __enter__(self) -> "_EspeakWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _finish(samples: np.ndarray, voice: Voice, seed: int) -> torch.Tensor:
@@ -525,15 +580,14 @@ def synthesize_many(jobs: Sequence[tuple[str, Voice, int]], cache_dir: str | Pat
         else:
             todo.append(i)
     if todo:
-        engine = _espeak()
+        _, _, accents, variants = _espeak_files()
         for accent, variant in {(jobs[i][1].accent, jobs[i][1].variant) for i in todo}:
-            if variant not in engine.variants:
+            if variant not in variants:
                 raise ValueError(f"unknown espeak variant {variant!r} (e.g. {', '.join(VARIANTS)})")
-            if accent.lower() not in engine.accents:
+            if accent.lower() not in accents:
                 raise ValueError(f"unknown espeak accent {accent!r} (e.g. {', '.join(ACCENTS)})")
-        parallel = parallel or os.cpu_count() or 1
-        with engine.lock:
-            rendered = engine.render_forked([jobs[i] for i in todo], parallel)
+        with _EspeakWorkers(min(parallel or os.cpu_count() or 1, len(todo))) as workers:
+            rendered = workers.render([jobs[i] for i in todo])
             for i, samples in tqdm(zip(todo, rendered), total=len(todo), desc="synthesizing speech",
                                    unit="utt", disable=not progress):
                 text, voice, seed = jobs[i]
