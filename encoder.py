@@ -213,17 +213,16 @@ def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 
 def masked_instance_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """hubert-base's GroupNorm(C groups, C channels): each channel of each row is standardized over time.
-    Over a padded row, nn.GroupNorm would average the padding in too; here mean and variance are taken
-    over the valid frames only, so a padded row is normalized exactly as the utterance alone would be.
+    Over a padded row, nn.GroupNorm would average the padding in too; here the mean and variance of each
+    row come from its valid frames only, so the row is normalized exactly as the utterance alone would be.
     x: (B, C, T), lengths: (B,) valid frames per row."""
-    if bool((lengths == x.size(-1)).all()):  # no padding in this batch: the plain kernel is exact (and fastest)
+    if bool((lengths == x.size(-1)).all()):  # no padding in this batch: the plain kernel is exact
         return norm(x)
-    valid = length_mask(lengths, x.size(-1))[:, None, :].to(x.dtype)  # (B, 1, T)
-    count = lengths.to(x.dtype)[:, None, None]  # (B, 1, 1)
-    mean = (x * valid).sum(-1, keepdim=True) / count  # (B, C, 1)
-    var = ((x - mean).square() * valid).sum(-1, keepdim=True) / count  # biased variance, as in nn.GroupNorm
-    x = (x - mean) * torch.rsqrt(var + norm.eps)
-    return x * norm.weight[:, None] + norm.bias[:, None]
+    stats = [torch.var_mean(x[row, :, :n], dim=-1, correction=0) for row, n in enumerate(lengths.tolist())]
+    var, mean = (torch.stack(s)[:, :, None] for s in zip(*stats))  # (B, C, 1) each; biased variance
+    scale = norm.weight[:, None] * torch.rsqrt(var + norm.eps)  # (B, C, 1)
+    # (x - mean) / sqrt(var + eps) * weight + bias as x * scale + shift: one pass, no temporaries the size of x
+    return torch.addcmul(norm.bias[:, None] - mean * scale, x, scale)
 
 
 class ConvLayer(nn.Module):
@@ -374,9 +373,10 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layer))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None,
+                output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x (B, T, C); valid (B, T) bool, True on real frames, or None when no frame is padding.
-        Returns the input of the first layer and the output of every layer; the last entry is the final output."""
+        Returns the output (B, T, C) and the input of every layer (an empty list unless asked)."""
         attn_mask = None
         if valid is not None:
             x = x.masked_fill(~valid[:, :, None], 0.0)  # alone, an utterance's positional conv sees zeros past its end
@@ -384,13 +384,14 @@ class Encoder(nn.Module):
         x = x + self.pos_conv_embed(x)
         if not self.pre_ln:
             x = self.layer_norm(x)
-        hidden_states = [x]
+        layer_inputs = []
         for layer in self.layers:
+            if output_hidden_states:
+                layer_inputs.append(x)
             x = layer(x, attn_mask)
-            hidden_states.append(x)
         if self.pre_ln:
-            hidden_states[-1] = self.layer_norm(x)
-        return hidden_states
+            x = self.layer_norm(x)
+        return x, layer_inputs
 
 
 # -----------------------------------------------------------------------------
@@ -478,20 +479,23 @@ class HuBERT(nn.Module):
             x = torch.where(mask_time_indices[:, :, None], self.masked_spec_embed.to(x.dtype), x)
         T = x.size(1)
         valid = None if bool((frame_lengths == T).all()) else length_mask(frame_lengths, T)  # (B, T) or None
-        hidden_states = self.encoder(x, valid)
-        if valid is not None:
-            hidden_states = [h.masked_fill(~valid[:, :, None], 0.0) for h in hidden_states]
+        hidden, layer_inputs = self.encoder(x, valid, output_hidden_states)  # (B, T, C), [(B, T, C)] * n_layer
+        if valid is not None:  # padded frames hold values computed from padding: make them 0
+            hidden = hidden.masked_fill(~valid[:, :, None], 0.0)
+            layer_inputs = [h.masked_fill(~valid[:, :, None], 0.0) for h in layer_inputs]
         if output_hidden_states:
-            return hidden_states[-1], frame_lengths, hidden_states
-        return hidden_states[-1], frame_lengths
+            return hidden, frame_lengths, layer_inputs + [hidden]
+        return hidden, frame_lengths
 
     # -------------------------------------------------------------------------
     # Loading Hugging Face checkpoints
 
-    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> list[str]:
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict",
+                           assign: bool = False) -> list[str]:
         """Load a transformers HubertModel / HubertForCTC / pre-training state dict into this model.
         Returns the checkpoint keys it ignored (heads this encoder does not use); raises on missing,
-        unexpected or wrongly shaped keys, naming each one and `source`."""
+        unexpected or wrongly shaped keys, naming each one and `source`. assign=True adopts the checkpoint's
+        tensors (cast to the model's dtype) instead of copying into the current ones (for a model on "meta")."""
         converted, ignored = convert_hf_state_dict(state_dict, keep_masked_spec_embed=self.masked_spec_embed is not None)
         ours = self.state_dict()
         missing = sorted(set(ours) - set(converted))
@@ -503,7 +507,7 @@ class HuBERT(nn.Module):
                     if keys]
         if problems:
             raise ValueError(f"{source} does not fit HuBERT {self.config}:\n  " + "\n  ".join(problems))
-        self.load_state_dict(converted)
+        self.load_state_dict({key: t.to(ours[key].dtype) for key, t in converted.items()}, assign=assign)
         return ignored
 
     @classmethod
@@ -517,10 +521,11 @@ class HuBERT(nn.Module):
         preprocessor = None
         if "preprocessor_config.json" in files:
             preprocessor = json.loads(Path(files["preprocessor_config.json"]).read_text())
-        model = cls(HuBERTConfig.from_hf(config_json, preprocessor), masked_pretraining=masked_pretraining)
+        with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
+            model = cls(HuBERTConfig.from_hf(config_json, preprocessor), masked_pretraining=masked_pretraining)
         weights = next((str(files[name]) for name in ("model.safetensors", "pytorch_model.bin") if name in files),
                        name_or_path)
-        ignored = model.load_hf_state_dict(state_dict, source=weights)
+        ignored = model.load_hf_state_dict(state_dict, source=weights, assign=True)
         if ignored:
             reasons = sorted({reason for prefix, reason in IGNORED_HEADS.items()
                               if any(key.removeprefix("hubert.").startswith(prefix) for key in ignored)})
