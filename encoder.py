@@ -97,6 +97,8 @@ HF_CONFIG_KEYS = dict(
 
 @dataclass
 class HuBERTConfig:
+    """Architecture of a HuBERT model; the defaults are hubert-base (facebook/hubert-base-ls960)."""
+
     # feature extractor: one entry per conv layer
     conv_dim: tuple[int, ...] = (512,) * 7
     conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
@@ -496,7 +498,7 @@ class HuBERT(nn.Module):
         Returns the checkpoint keys it ignored (heads this encoder does not use); raises on missing,
         unexpected or wrongly shaped keys, naming each one and `source`. assign=True adopts the checkpoint's
         tensors (cast to the model's dtype) instead of copying into the current ones (for a model on "meta")."""
-        converted, ignored = convert_hf_state_dict(state_dict, keep_masked_spec_embed=self.masked_spec_embed is not None)
+        converted, ignored = convert_hf_state_dict(state_dict, self.masked_spec_embed is not None)
         ours = self.state_dict()
         missing = sorted(set(ours) - set(converted))
         unexpected = sorted(set(converted) - set(ours))
@@ -506,7 +508,9 @@ class HuBERT(nn.Module):
                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong_shape))
                     if keys]
         if problems:
-            raise ValueError(f"{source} does not fit HuBERT {self.config}:\n  " + "\n  ".join(problems))
+            c = self.config
+            raise ValueError(f"{source} does not fit this HuBERT ({c.n_layer} layers, {c.n_embd} wide, "
+                             f"{c.extractor_norm}-norm extractor):\n  " + "\n  ".join(problems))
         self.load_state_dict({key: t.to(ours[key].dtype) for key, t in converted.items()}, assign=assign)
         return ignored
 
@@ -523,21 +527,21 @@ class HuBERT(nn.Module):
             preprocessor = json.loads(Path(files["preprocessor_config.json"]).read_text())
         with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
             model = cls(HuBERTConfig.from_hf(config_json, preprocessor), masked_pretraining=masked_pretraining)
-        weights = next((str(files[name]) for name in ("model.safetensors", "pytorch_model.bin") if name in files),
-                       name_or_path)
+        weights = next(str(files[name]) for name in ("model.safetensors", "pytorch_model.bin") if name in files)
         ignored = model.load_hf_state_dict(state_dict, source=weights, assign=True)
         if ignored:
             reasons = sorted({reason for prefix, reason in IGNORED_HEADS.items()
                               if any(key.removeprefix("hubert.").startswith(prefix) for key in ignored)})
-            warnings.warn(f"{weights}: ignored {len(ignored)} entries this encoder does not use ({'; '.join(reasons)}): "
-                          f"{', '.join(ignored)}", stacklevel=2)
+            warnings.warn(f"{weights}: ignored {len(ignored)} entries this encoder does not use "
+                          f"({'; '.join(reasons)}): {', '.join(ignored)}", stacklevel=2)
         return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json, preprocessor_config.json and model.safetensors (loadable by from_pretrained
         and by transformers' HubertModel)."""
+        preprocessor = json.dumps(self.config.preprocessor_config(), indent=2)
         save_pretrained(directory, self.config.to_hf(), self.state_dict(),
-                        extra_files={"preprocessor_config.json": json.dumps(self.config.preprocessor_config(), indent=2)})
+                        extra_files={"preprocessor_config.json": preprocessor})
 
 
 def convert_hf_state_dict(state_dict: dict[str, torch.Tensor],

@@ -117,7 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", choices=["speed", "memory", "all"], default="all")
     parser.add_argument("--config", default="hubert-base", help="HuBERTConfig preset (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=None, help="input length (default: 10 for speed, 4 for memory)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="input length in seconds (default: 10 for speed, 4 for memory)")
     parser.add_argument("--batch", type=int, default=8, help="memory: batch size (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=5, help="speed: timed calls per model (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),

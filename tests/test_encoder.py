@@ -278,7 +278,7 @@ def test_input_errors():
         model(torch.randn(1, 399))
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] have \[300\] samples"):
         model(torch.randn(2, 1000), torch.tensor([1000, 300]))
-    with pytest.raises(ValueError, match=r"\(batch, samples\) tensor, got \(16000,\); for one utterance use wav\[None\]"):
+    with pytest.raises(ValueError, match=r"\(batch, samples\) tensor, got \(16000,\); for one utterance use wav"):
         model(torch.randn(16000))
     with pytest.raises(ValueError, match=r"got \(1, 1, 16000\)"):
         model(torch.randn(1, 1, 16000))
