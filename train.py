@@ -9,7 +9,7 @@ What happens, top to bottom:
 1. Models: the encoder and LM are loaded with their own `from_pretrained` and frozen; the
    projector is new (seal.py, projector.py).
 2. Data (`--data SPEC`): manifest:PATH, librispeech:ROOT[:SUBSET], fsc:ROOT, slurp:ROOT or
-   synthetic:DIR, read by data.py. Each item gives a waveform and its transcript t.
+   synthetic:DIR[:fsc|slurp], read by data.py. Each item gives a waveform and its transcript t.
 3. Caches. The encoder is frozen, so its features for an utterance never change: they are computed
    once, before training, and reused every epoch (in memory, or on disk with --cache disk). The same
    holds for the teacher (the LM on [t][sep][o]): its final hidden states at the positions predicting o
@@ -44,6 +44,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
+from decoder import GPT, load_tokenizer
+from encoder import HuBERT
 from projector import Projector, ProjectorConfig, fused_kl_loss
 from seal import Seal, SealConfig
 
@@ -145,33 +148,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # Data
 
 
-def parse_data_spec(spec: str, split: str, seed: int = 0):
+def parse_data_spec(spec: str, split: str):
     """SPEC -> a data.py dataset for `split` ("train" or "valid"); None if the source has no such split.
 
-    manifest:PATH               a manifest file (data.py's Manifest format); no valid split
+    manifest:PATH               a jsonl manifest ({"audio": ..., "text": ...} per line); no valid split
     librispeech:ROOT[:SUBSET]   LibriSpeech folder; SUBSET e.g. train-clean-100 (valid: dev-clean)
     fsc:ROOT                    fluent_speech_commands_dataset folder (valid: valid_data.csv)
     slurp:ROOT                  SLURP repository clone (valid: devel)
-    synthetic:DIR               synthetic FSC-style set written by `python data.py synth --out DIR`
+    synthetic:DIR[:fsc|slurp]   a synthetic set written by `python data.py synth --out DIR` (default fsc)
     """
-    import data
-
     kind, _, rest = spec.partition(":")
     if not rest:
         raise UserError(f"--data {spec!r}: expected KIND:PATH with KIND one of manifest, librispeech, fsc, slurp, synthetic")
-    if kind == "manifest":
-        return data.Manifest(rest) if split == "train" else None
-    if kind == "librispeech":
-        root, _, subset = rest.partition(":")
-        return data.LibriSpeech(root, subset or "train-clean-100") if split == "train" else data.LibriSpeech(root, "dev-clean")
-    if kind == "fsc":
-        return data.FluentSpeechCommands(rest, split)
-    if kind == "slurp":
-        return data.Slurp(rest, "devel" if split == "valid" else split)
-    if kind == "synthetic":
-        if not (Path(rest) / data.FSC_DIR).is_dir():
-            raise UserError(f"--data {spec!r}: no synthetic set in {rest}; write one with `python data.py synth --out {rest}`")
-        return data.FluentSpeechCommands(rest, split)
+    path, _, option = rest.partition(":")
+    if kind == "synthetic":  # the synthetic sets use the real layouts, so the real loaders read them
+        if option not in ("", "fsc", "slurp"):
+            raise UserError(f"--data {spec!r}: synthetic sets are fsc or slurp, got {option!r}")
+        kind, path = option or "fsc", str(Path(path) / ("slurp" if option == "slurp" else data.FSC_DIR))
+        if not Path(path).is_dir():
+            raise UserError(f"--data {spec!r}: no synthetic set at {path}; write one with `python data.py synth --out {rest.split(':')[0]}`")
+    try:
+        if kind == "manifest":
+            return data.Manifest(path) if split == "train" else None
+        if kind == "librispeech":
+            return data.LibriSpeech(path, (option or "train-clean-100") if split == "train" else "dev-clean")
+        if kind == "fsc":
+            return data.FluentSpeechCommands(path, split)
+        if kind == "slurp":
+            return data.Slurp(path, "devel" if split == "valid" else split)
+    except (FileNotFoundError, ValueError) as e:  # a missing folder, a bad index file
+        raise UserError(f"--data {spec!r}: {e}") from e
     raise UserError(f"--data {spec!r}: unknown kind {kind!r}; expected manifest, librispeech, fsc, slurp or synthetic")
 
 
@@ -260,20 +266,17 @@ def batch_features(seal: Seal, batch: list[Example], device: torch.device) -> tu
     return feats.to(device), lengths.to(device)
 
 
-def epoch_batches(sizes: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 50) -> list[list[int]]:
-    """Global batches for one epoch, a pure function of (seed, epoch) so that --resume can replay it.
+def epoch_batches(sizes: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global batches for one epoch: data.py's LengthBucketSampler (shuffled, similar lengths per batch).
 
-    Shuffle, then sort each run of `bucket` batches' worth of items by length and cut it into
-    batches (similar lengths -> little padding), then shuffle the batches. A run's last items that do
-    not fill a batch wait for the next epoch; they differ every epoch, so no utterance is left out for good.
+    It is a pure function of (seed, epoch), so --resume replays it and skips the batches already done.
+    We ask it for *global* batches and let each rank take a slice (see train()), so that N ranks see
+    exactly the batches of one process. A last, partial batch is dropped; the reshuffle makes it a
+    different one every epoch, so no utterance is left out for good.
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(sizes), generator=g).tolist()
-    batches = []
-    for i in range(0, len(order), batch_size * bucket):
-        run = sorted(order[i : i + batch_size * bucket], key=lambda j: sizes[j])
-        batches += [run[k : k + batch_size] for k in range(0, len(run) - batch_size + 1, batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    sampler = data.LengthBucketSampler(sizes, batch_size, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(sampler)
 
 
 # -----------------------------------------------------------------------------
@@ -363,9 +366,6 @@ def evaluate(seal: Seal, examples: list[Example], cfg: TrainConfig, device, amp_
 
 
 def build_seal(cfg: TrainConfig, device: torch.device) -> Seal:
-    from decoder import GPT, load_tokenizer
-    from encoder import HuBERT
-
     encoder = HuBERT.from_pretrained(cfg.encoder)
     lm = GPT.from_pretrained(cfg.lm)
     projector = Projector(ProjectorConfig(in_dim=encoder.config.n_embd, out_dim=lm.config.n_embd, rate=cfg.rate,
@@ -377,11 +377,9 @@ def build_seal(cfg: TrainConfig, device: torch.device) -> Seal:
 
 def load_data(cfg: TrainConfig, seal: Seal) -> tuple[list[Example], list[Example]]:
     """(train examples, held-out examples) from --data / --eval-data."""
-    from data import SAMPLE_RATE
-
-    max_samples = int(cfg.max_seconds * SAMPLE_RATE)
-    train_set = parse_data_spec(cfg.data, "train", cfg.seed)
-    eval_set = parse_data_spec(cfg.eval_data, "train", cfg.seed) if cfg.eval_data else parse_data_spec(cfg.data, "valid", cfg.seed)
+    max_samples = int(cfg.max_seconds * data.SAMPLE_RATE)
+    train_set = parse_data_spec(cfg.data, "train")
+    eval_set = parse_data_spec(cfg.eval_data, "train") if cfg.eval_data else parse_data_spec(cfg.data, "valid")
     train, skipped = make_examples(train_set, seal.tokenizer, max_samples)
     if eval_set is not None:
         held, skipped_eval = make_examples(eval_set, seal.tokenizer, max_samples)
@@ -398,9 +396,10 @@ def load_data(cfg: TrainConfig, seal: Seal) -> tuple[list[Example], list[Example
     return train, held
 
 
-def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None) -> dict:
-    """Train; returns the last metrics record. `seal` and `data` (train examples, held-out examples)
-    may be given directly (tests, the micro world); otherwise they are built from cfg."""
+def train(cfg: TrainConfig, seal: Seal | None = None,
+          examples: tuple[list[Example], list[Example]] | None = None) -> dict:
+    """Train; returns the latest value of every metric. `seal` and `examples` (train, held-out) may be given
+    directly (tests, the micro world); otherwise they are built from cfg."""
     rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} x --grad-accum {cfg.grad_accum}")
@@ -412,7 +411,7 @@ def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None)
     out.mkdir(parents=True, exist_ok=True)
 
     seal = (seal or build_seal(cfg, device)).to(device)
-    train_ex, held = data or load_data(cfg, seal)
+    train_ex, held = examples or load_data(cfg, seal)
     cache_dir = out / "cache" if cfg.cache == "disk" else None
     # With a disk cache and several ranks, rank 0 writes the feature files first; the others wait,
     # then find every file in place and only compute the (in-memory) teacher states.
@@ -468,10 +467,10 @@ def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None)
     sizes = [e.n_samples for e in train_ex]
     batches = epoch_batches(sizes, cfg.batch_size, cfg.seed, epoch)
     metrics_file = open(out / METRICS_NAME, "a") if rank == 0 else None
-    history: list[dict] = []
+    summary: dict = {}  # the latest value of every metric, returned at the end
 
     def log(record: dict) -> None:
-        history.append(record)
+        summary.update(record)
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -480,7 +479,6 @@ def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None)
         log({"step": 0, **evaluate(seal, held, cfg, device, amp_dtype, rank, world)})
     seal.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress or rank != 0)
-    last: dict = {}
     try:
         while step < cfg.max_steps:
             if position >= len(batches):
@@ -519,16 +517,15 @@ def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None)
             optimizer.zero_grad(set_to_none=True)
             step, position = step + 1, position + 1
             dt = time.perf_counter() - t0
-            last = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                    "utt_per_s": cfg.batch_size / dt, "tokens_per_s": n_global / dt}
-            log(last)
+            log({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                 "utt_per_s": cfg.batch_size / dt, "tokens_per_s": n_global / dt})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", utt_s=f"{cfg.batch_size / dt:.1f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 if held:
-                    last = {"step": step, **evaluate(seal, held, cfg, device, amp_dtype, rank, world)}
-                    log(last)
-                    bar.write(f"step {step}: eval KL {last['eval_kl']:.4f}, top-1 agreement {last['eval_top1_agreement']:.3f}")
+                    log({"step": step, **evaluate(seal, held, cfg, device, amp_dtype, rank, world)})
+                    bar.write(f"step {step}: eval KL {summary['eval_kl']:.4f}, "
+                              f"top-1 agreement {summary['eval_top1_agreement']:.3f}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save()
     except KeyboardInterrupt:
@@ -540,7 +537,7 @@ def train(cfg: TrainConfig, seal: Seal | None = None, data: tuple | None = None)
             metrics_file.close()
     if rank == 0:
         plot_losses(out / METRICS_NAME, out / "loss.png")
-    return last
+    return summary
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -581,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     helps = {
         "encoder": "speech encoder name or path (e.g. hubert-base)", "lm": "LM name or path (e.g. gpt2)",
-        "data": "manifest:PATH | librispeech:ROOT[:SUBSET] | fsc:ROOT | slurp:ROOT | synthetic:DIR",
+        "data": "manifest:PATH | librispeech:ROOT[:SUBSET] | fsc:ROOT | slurp:ROOT | synthetic:DIR[:fsc|slurp]",
         "eval_data": "held-out SPEC (default: the source's valid split, else --eval-size items held out)",
         "loss": "kl: Seal (KL to the text teacher); ce: PSRT (cross-entropy on the transcript)",
         "encoder_layer": "encoder layer feeding the projector (-1: last)",
@@ -615,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if not all(given):
             raise UserError("give --encoder, --lm and --data together (or none of them for the micro world)")
         return train(TrainConfig(**vars(args)))
-    except UserError as e:
+    except (UserError, data.AudioError) as e:  # a bad flag, a missing or broken file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
