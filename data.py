@@ -48,6 +48,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger("seal.data")
 
@@ -333,11 +334,10 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torc
 #
 # espeak-ng is a formant synthesizer: small, fast (a few ms per command) and offline. The pip
 # package `espeakng-loader` ships the shared library and its voice data, so no system install
-# is needed. We drive the C API directly:
-#   espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, ...)  -> returns the output rate (22,050 Hz)
-#   espeak_SetSynthCallback(cb)                        -> cb receives int16 sample blocks
-#   espeak_SetVoiceByName("en-us+m3"), espeak_SetParameter(RATE / PITCH / RANGE, value)
-#   espeak_Synth(text) then espeak_Synchronize()       -> blocks until all samples are out
+# is needed; we call its C API through ctypes (see _espeak_worker). A voice is an English
+# accent (a language file) plus a variant (formant, pitch and breathiness settings), with our
+# rate/pitch/range parameters; after rendering we resample 22,050 -> 16,000 Hz, normalise the
+# peak to the voice's gain and optionally add background noise.
 #
 # Determinism. espeak-ng keeps hidden state between utterances (e.g. a function-static pitch
 # "flutter" phase, and libc rand() for noise sources), so the same text and voice rendered twice
@@ -521,8 +521,10 @@ class _EspeakWorkers:
                 self._send(i + ahead, jobs[i + ahead])
             yield np.frombuffer(payload, dtype=np.int16)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         for p in self.procs:
+            if kill:              # after an error: replies may be pending, do not wait for them
+                p.kill()
             p.stdin.close()       # end of input: the worker's loop ends and it exits
         for p in self.procs:
             p.stdout.close()
@@ -531,8 +533,8 @@ class _EspeakWorkers:
     def __enter__(self) -> "_EspeakWorkers":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)
 
 
 def _finish(samples: np.ndarray, voice: Voice, seed: int) -> torch.Tensor:
@@ -567,7 +569,6 @@ def synthesize_many(jobs: Sequence[tuple[str, Voice, int]], cache_dir: str | Pat
     With `cache_dir`, each result is stored as <cache_dir>/<hash>.npy, keyed by (text, voice,
     seed); later calls read it back instead of rendering.
     """
-    from tqdm import tqdm
     cache = Path(cache_dir) if cache_dir is not None else None
     out: list[torch.Tensor | None] = [None] * len(jobs)
     todo = []
@@ -971,12 +972,13 @@ def _plan(grammar: Grammar, counts: dict[str, int], voices: dict[str, list[Voice
 
 
 def write_fsc(out: str | Path, counts: dict[str, int], voices: dict[str, list[Voice]], seed: int = 0,
-              cache_dir: str | Path | None = None, progress: bool = False) -> Path:
+              cache_dir: str | Path | None = None, progress: bool = False,
+              parallel: int | None = None) -> Path:
     """Write a synthetic FSC set: <out>/fluent_speech_commands_dataset/{data/*.csv, wavs/speakers/..}."""
     root = Path(out) / FSC_DIR
     plan = _plan(fsc_grammar(), counts, voices, seed)
     jobs = [(c.text, vs[0], _seed_of(u)) for split in plan for c, vs, u in plan[split]]
-    wavs = iter(synthesize_many(jobs, cache_dir=cache_dir, progress=progress))
+    wavs = iter(synthesize_many(jobs, cache_dir=cache_dir, parallel=parallel, progress=progress))
     (root / "data").mkdir(parents=True, exist_ok=True)
     for split, rows in plan.items():
         with open(root / "data" / f"{split}_data.csv", "w", newline="") as f:
@@ -993,7 +995,7 @@ def write_fsc(out: str | Path, counts: dict[str, int], voices: dict[str, list[Vo
 
 def write_slurp(out: str | Path, counts: dict[str, int], voices: dict[str, list[Voice]], seed: int = 0,
                 recordings: int = 2, audio_format: str = "flac", cache_dir: str | Path | None = None,
-                progress: bool = False) -> Path:
+                progress: bool = False, parallel: int | None = None) -> Path:
     """Write a synthetic SLURP set: <out>/slurp/{dataset/slurp/*.jsonl, audio/slurp_real/*.flac}.
 
     Each sentence is spoken by `recordings` different voices; the first recording is named like
@@ -1007,7 +1009,7 @@ def write_slurp(out: str | Path, counts: dict[str, int], voices: dict[str, list[
     plan = _plan(slurp_grammar(), counts, voices, seed, per_item=recordings)
     jobs = [(c.text, v, _seed_of(u) + k) for split in plan for c, vs, u in plan[split]
             for k, v in enumerate(vs)]
-    wavs = iter(synthesize_many(jobs, cache_dir=cache_dir, progress=progress))
+    wavs = iter(synthesize_many(jobs, cache_dir=cache_dir, parallel=parallel, progress=progress))
     (root / "dataset" / "slurp").mkdir(parents=True, exist_ok=True)
     audio_dir = root / "audio" / "slurp_real"
     audio_dir.mkdir(parents=True, exist_ok=True)
@@ -1398,13 +1400,13 @@ def synth_main(args: argparse.Namespace) -> None:
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir() / "speech")
     out = Path(args.out)
     if "fsc" in args.sets:
-        root = write_fsc(out, counts, voices, seed=args.seed, cache_dir=cache, progress=True)
+        root = write_fsc(out, counts, voices, seed=args.seed, cache_dir=cache, progress=True, parallel=args.jobs)
         print(f"FSC-style set: {root}  (train {args.n_train} / valid {args.n_valid} / test {args.n_test})")
     if "slurp" in args.sets:
         slurp_voices = {"train": voices["train"], "devel": voices["valid"], "test": voices["test"]}
         slurp_counts = {"train": args.n_train, "devel": args.n_valid, "test": args.n_test}
         root = write_slurp(out, slurp_counts, slurp_voices, seed=args.seed, recordings=args.recordings,
-                           audio_format=args.slurp_format, cache_dir=cache, progress=True)
+                           audio_format=args.slurp_format, cache_dir=cache, progress=True, parallel=args.jobs)
         print(f"SLURP-style set: {root}  ({args.recordings} recordings per sentence)")
 
 
@@ -1424,6 +1426,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--recordings", type=int, default=2, help="SLURP recordings per sentence (first = headset)")
     p.add_argument("--slurp-format", default="flac", choices=["flac", "wav"], help="SLURP audio format")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None, help="parallel espeak render workers (default: CPU count)")
     p.add_argument("--cache-dir", help="rendered-speech cache (default $SEAL_CACHE/speech)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the speech cache")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ the resampler's speed against a naive full-length FFT resample.
 import argparse
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -31,6 +32,12 @@ def fft_resample(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     return torch.fft.irfft(out, n=n_out) * (n_out / x.shape[-1])
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the render workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of fn() over `repeats` runs, seconds."""
     times = []
@@ -45,11 +52,12 @@ def bench_render_and_load(n: int, seed: int, parallel: int | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         counts = {"train": n - 2 * (n // 10), "valid": n // 10, "test": n // 10}
         voices = data.split_voices(24, 6, 6, seed=seed)
-        t = time.perf_counter()
-        plan_jobs = data.write_fsc(tmp, counts, voices, seed=seed, cache_dir=None, progress=True)
-        render_s = time.perf_counter() - t
-        print(f"render + write {n} FSC-style utterances (no cache): {render_s:.1f} s "
-              f"({n / render_s:.0f} utt/s)")
+        t, cpu = time.perf_counter(), cpu_seconds()
+        plan_jobs = data.write_fsc(tmp, counts, voices, seed=seed, cache_dir=None, progress=True,
+                                   parallel=parallel)
+        render_s, render_cpu = time.perf_counter() - t, cpu_seconds() - cpu
+        print(f"render + write {n} FSC-style utterances (no cache): {render_s:.1f} s wall "
+              f"({n / render_s:.0f} utt/s), {render_cpu:.1f} CPU-s (this process + render workers)")
         root = Path(plan_jobs)
         ds = data.FluentSpeechCommands(root, "train")
         total_audio = 0.0
