@@ -4,8 +4,9 @@ Both variants compute the same loss from student/teacher final hidden states (N,
 embedding (V, C), forward + backward (gradient to the student hidden states; the embedding is
 frozen as in Seal unless --weight-grad). The naive variant builds both (N, V) logit tensors.
 
-Memory: every measurement runs in a fresh subprocess; peak memory is the growth of the process's
-peak RSS (ru_maxrss) across one forward+backward, after the inputs are allocated. Time: median
+Memory: every measurement runs in a fresh subprocess; peak memory is the process's peak RSS during
+one forward+backward minus its RSS just before (the high-water mark is reset first, Linux
+/proc/self/clear_refs), after the inputs are allocated. Time: median
 over --rounds, the two variants run interleaved (naive, fused, naive, ...) so that load from other
 processes on the machine hits both alike.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,8 +38,23 @@ def naive_kl(h_s: torch.Tensor, h_t: torch.Tensor, w: torch.Tensor, T: float) ->
     return per_token.mean() * T * T
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _status_mib(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def start_peak_window() -> float:
+    """Reset the peak-RSS high-water mark (Linux: write 5 to clear_refs); return the current RSS in MiB.
+    Without the reset, earlier work (model building, feature caching) would hide the step's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def peak_since_mib(rss_before: float) -> float:
+    return _status_mib("VmHWM") - rss_before
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -59,9 +74,9 @@ def worker(args: argparse.Namespace) -> None:
         h_s.grad = w.grad = None
         return time.perf_counter() - t0
 
-    before = peak_rss_mib()
+    before = start_peak_window()
     times = [step()]  # the first call is also the memory measurement
-    peak = peak_rss_mib() - before
+    peak = peak_since_mib(before)
     times += [step() for _ in range(args.iters)]
     print(json.dumps({"peak_mib": peak, "time_s": statistics.median(times[1:] or times)}))
 

@@ -14,8 +14,9 @@ Modes: `encoder` runs the encoder every step; `cached` starts from precomputed e
 (both sides); ours is also measured with `cached+teacher`, its default in train.py, where the
 teacher's hidden states are cached too.
 
-Every measurement runs in a fresh subprocess: peak memory is the growth of peak RSS over the
-first step (after models and inputs exist); time is the median of the following steps. The
+Every measurement runs in a fresh subprocess: peak memory is the peak RSS during the first step
+minus the RSS just before it (high-water mark reset via Linux /proc/self/clear_refs; models,
+inputs and caches already exist); time is the median of the following steps. The
 variants run interleaved, round after round, because other processes share the machine.
 
     python bench/bench_step.py                   # 3 rounds, 2 timed steps each, 2 threads
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,14 +36,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_kl import peak_since_mib, start_peak_window  # noqa: E402  (same folder: the memory probe)
 
 SAMPLE_RATE = 16_000
 VARIANTS = [("ours", "encoder"), ("reference", "encoder"), ("ours", "cached"), ("reference", "cached"),
             ("ours", "cached+teacher")]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -104,9 +101,9 @@ def worker(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    before = peak_rss_mib()
+    before = start_peak_window()
     times = [step()]  # the first step is also the memory measurement
-    peak = peak_rss_mib() - before
+    peak = peak_since_mib(before)
     times += [step() for _ in range(args.iters)]
     print(json.dumps({"peak_mib": peak, "time_s": statistics.median(times[1:] or times)}))
 
