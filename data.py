@@ -1416,7 +1416,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("synth", help="write synthetic FSC- and SLURP-style sets in the real layouts",
                        description="Render command grammars with espeak-ng voices and write "
                                    "<out>/fluent_speech_commands_dataset and <out>/slurp, in the real "
-                                   "datasets' layouts. Voices are disjoint across the splits.")
+                                   "datasets' layouts. Voices are disjoint across the splits.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-train", type=int, default=2000, help="utterances (SLURP: sentences) in train")
     p.add_argument("--n-valid", type=int, default=300, help="... in valid (SLURP: devel)")
