@@ -54,7 +54,8 @@ CKPT_NAME = "ckpt.pt"  # full training state, for --resume
 PROJECTOR_NAME = "projector.safetensors"  # the deliverable: projector weights + Seal config
 METRICS_NAME = "metrics.jsonl"
 # TrainConfig fields that define the model being trained: --resume refuses a checkpoint that differs in any.
-MODEL_KEYS = ("encoder", "lm", "encoder_layer", "separator", "loss", "rate", "projector_mode", "projector_hidden")
+MODEL_KEYS = ("encoder", "lm", "encoder_layer", "separator", "loss", "target", "rate", "projector_mode",
+              "projector_hidden")
 
 
 class UserError(ValueError):
@@ -77,6 +78,8 @@ class TrainConfig:
     data: str | None = None  # SPEC, see parse_data_spec
     eval_data: str | None = None  # SPEC of the held-out split; default: the spec's own valid split, else --eval-size items held out
     loss: str = "kl"  # kl (Seal) | ce (PSRT)
+    target: str = "copy"  # o: copy (o = t) | continue (o = the LM's greedy continuation of [t][sep])
+    continue_tokens: int = 16  # length of o with --target continue
     encoder_layer: int = -1
     separator: str = " =>"
     temperature: float = 1.0
@@ -209,6 +212,26 @@ def make_examples(dataset, tokenizer, max_samples: int) -> tuple[list[Example], 
         # sentence (" turn on" rather than "turn on" for byte-level BPE; sentencepiece ignores it).
         examples.append(Example(dataset, i, n, tokenizer.encode(text), tokenizer.encode(" " + text)))
     return examples, skipped
+
+
+@torch.no_grad()
+def continuation_targets(seal: Seal, examples: list[Example], n_tokens: int, batch_size: int,
+                         device: torch.device, progress: bool) -> None:
+    """--target continue: o = the teacher's own greedy continuation of [t][sep], n_tokens long.
+
+    The teacher prompt [t][sep][o] is then exactly the text the LM would write, and the student
+    learns to make the LM continue the speech the same way. Prompts are left-padded so that all
+    rows end where generation starts.
+    """
+    for start in tqdm(range(0, len(examples), batch_size), desc="continuations", disable=not progress):
+        batch = examples[start : start + batch_size]
+        prompts = [e.text_ids + seal.sep_ids for e in batch]
+        T = max(map(len, prompts))
+        idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
+        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+        out = seal.decoder.generate(idx, n_tokens, temperature=0, attention_mask=mask)  # (B, T + n)
+        for e, row in zip(batch, out[:, T:].tolist()):
+            e.target_ids = row
 
 
 def pad_batch(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,6 +435,9 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
 
     seal = (seal or build_seal(cfg, device)).to(device)
     train_ex, held = examples or load_data(cfg, seal)
+    if cfg.target == "continue":
+        for split in (train_ex, held):
+            continuation_targets(seal, split, cfg.continue_tokens, cfg.batch_size, device, cfg.progress and rank == 0)
     cache_dir = out / "cache" if cfg.cache == "disk" else None
     # With a disk cache and several ranks, rank 0 writes the feature files first; the others wait,
     # then find every file in place and only compute the (in-memory) teacher states.
@@ -581,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data": "manifest:PATH | librispeech:ROOT[:SUBSET] | fsc:ROOT | slurp:ROOT | synthetic:DIR[:fsc|slurp]",
         "eval_data": "held-out SPEC (default: the source's valid split, else --eval-size items held out)",
         "loss": "kl: Seal (KL to the text teacher); ce: PSRT (cross-entropy on the transcript)",
+        "target": "o, the text after the separator: copy (o = t) or continue (the LM's greedy continuation)",
         "encoder_layer": "encoder layer feeding the projector (-1: last)",
         "rate": "projector downsampling factor (frames per soft token)",
         "projector_mode": "stack (concatenate frames) or conv (strided convolution)",
@@ -589,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache": "encoder features: memory, disk (out_dir/cache) or none (run the encoder every step)",
         "max_seconds": "skip (and count) longer utterances",
     }
-    choices = {"loss": ["kl", "ce"], "projector_mode": ["stack", "conv"], "cache": ["memory", "disk", "none"],
+    choices = {"loss": ["kl", "ce"], "target": ["copy", "continue"], "projector_mode": ["stack", "conv"], "cache": ["memory", "disk", "none"],
                "precision": ["auto", "fp32", "bf16", "fp16"]}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

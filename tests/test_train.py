@@ -13,6 +13,7 @@ import train as train_module
 from data import write_wav
 from decoder import GPT, GPTConfig, bytes_to_unicode
 from encoder import HuBERT, HuBERTConfig
+from seal import Seal
 from train import TrainConfig, build_seal, epoch_batches, lr_at, main, precision_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +128,29 @@ def test_nan_stops_and_keeps_last_checkpoint(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: loss is" in err and "is intact" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == saved
+
+
+def test_psrt_without_caches_and_projector_reload(world, tmp_path):
+    main(argv(world, tmp_path, "--loss", "ce", "--cache", "none", "--no-cache-teacher", "--max-steps", "3",
+              "--eval-every", "100"))
+    losses = [r["loss"] for r in metrics(tmp_path) if "loss" in r]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    seal = Seal.from_pretrained(tmp_path / "projector.safetensors")  # what fewshot.py does
+    assert seal.config.loss == "ce" and seal.config.encoder == world["enc"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)["projector"]
+    assert all(torch.equal(v, seal.projector.state_dict()[k]) for k, v in ckpt.items())
+
+
+def test_continuation_target_is_the_lms_greedy_continuation(world, tmp_path):
+    cfg = TrainConfig(**vars(train_module.build_parser().parse_args(
+        argv(world, tmp_path, "--target", "continue", "--continue-tokens", "4", "--max-steps", "2", "--eval-every", "100"))))
+    seal = build_seal(cfg, torch.device("cpu"))
+    examples = train_module.load_data(cfg, seal)
+    train_module.train(cfg, seal=seal, examples=examples)
+    e = examples[0][3]
+    assert len(e.target_ids) == 4 and e.teacher.shape == (4, 32)
+    alone = seal.decoder.generate(torch.tensor([e.text_ids + seal.sep_ids]), 4, temperature=0)[0, -4:]
+    assert alone.tolist() == e.target_ids
 
 
 def test_user_errors_exit_2(world, tmp_path, capsys):
