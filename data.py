@@ -55,7 +55,6 @@ log = logging.getLogger("seal.data")
 SAMPLE_RATE = 16_000          # every model in Seal consumes 16 kHz mono
 MAX_SECONDS = 60.0            # longer clips are rejected: commands are seconds long, and a
                               # 10-minute file is almost always a mistake (a whole session)
-MAX_SAMPLES = int(MAX_SECONDS * SAMPLE_RATE)  # 960,000
 ESPEAK_RATE = 22_050          # espeak-ng's native output rate
 
 
@@ -246,13 +245,17 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> torch.Tensor:
     return resample(wav, file_sr, sr) if file_sr != sr else wav
 
 
-def check_waveform(x: np.ndarray | torch.Tensor, sr: int, path: str | Path) -> None:
-    """Reject waveforms the models must never see: empty, too long, or non-finite."""
-    n = len(x)
+def check_length(n: int, sr: int, path: str | Path) -> None:
+    """Reject a clip of n samples at sr Hz that is empty or longer than MAX_SECONDS."""
     if n == 0:
         raise AudioError(f"{path}: zero-length clip (no samples)")
     if n > MAX_SECONDS * sr:
         raise AudioError(f"{path}: clip of {n / sr:.1f} s is longer than MAX_SECONDS = {MAX_SECONDS:g} s")
+
+
+def check_waveform(x: np.ndarray | torch.Tensor, sr: int, path: str | Path) -> None:
+    """Reject waveforms the models must never see: empty, too long, or non-finite."""
+    check_length(len(x), sr, path)
     finite = np.isfinite(x) if isinstance(x, np.ndarray) else torch.isfinite(x).numpy()
     if not finite.all():
         raise AudioError(f"{path}: {int((~finite).sum())} NaN/Inf samples (first at sample "
@@ -1104,10 +1107,7 @@ class AudioDataset(torch.utils.data.Dataset):
         if path.stat().st_size == 0:
             raise AudioError(f"{path}: empty file")
         frames, sr = audio_info(path)
-        if frames == 0:
-            raise AudioError(f"{path}: zero-length clip (no samples)")
-        if frames > MAX_SECONDS * sr:
-            raise AudioError(f"{path}: clip of {frames / sr:.1f} s is longer than MAX_SECONDS = {MAX_SECONDS:g} s")
+        check_length(frames, sr, path)
         return math.ceil(frames * SAMPLE_RATE / sr)
 
     def lengths(self) -> list[int]:
