@@ -202,10 +202,10 @@ class Seal(nn.Module):
 
     def _target_hidden(self, first: Sequence[Segment], targets: Sequence[Sequence[int]]) -> torch.Tensor:
         """Hidden states (N, C) at the positions predicting each row's target, for rows [first][sep][target]."""
-        prompt = self.prompt([[f, self.sep_ids, o] for f, o in zip(first, targets)])
         if not self.sep_ids:
             raise ValueError("Seal: empty separator; give the Seal a tokenizer and a non-empty config.separator")
-        h = self.hidden(prompt)
+        prompt = self.prompt([[f, self.sep_ids, o] for f, o in zip(first, targets)])
+        h = self.hidden(prompt)  # (B, T, C)
         return h.reshape(-1, h.shape[-1])[prompt.predicting(2)]
 
     @torch.no_grad()
@@ -251,9 +251,9 @@ class Seal(nn.Module):
     @torch.no_grad()
     def top1(self, hidden: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
         """Argmax token (N,) of the tied LM head on hidden states (N, C), a chunk of tokens at a time."""
-        W = self.decoder.wte.weight
-        return torch.cat([(h.to(W.dtype) @ W.T).argmax(-1) for h in hidden.split(chunk_size)]) if len(hidden) else \
-            torch.zeros(0, dtype=torch.long, device=hidden.device)
+        W = self.decoder.wte.weight  # (V, C)
+        top = [(h.to(W.dtype) @ W.T).argmax(-1) for h in hidden.split(chunk_size)]  # (n, V) logits at a time
+        return torch.cat(top) if top else torch.zeros(0, dtype=torch.long, device=hidden.device)
 
     # --- checkpoints: only the projector, plus the config naming what it was trained with
 
