@@ -312,7 +312,9 @@ class GPT(nn.Module):
         idx: token ids (B, T), or inputs_embeds: vectors (B, T, C) (e.g. a speech prefix); exactly one.
         position_ids: (B, T) positions of the new tokens. Default: counted over real tokens, i.e.
             cumsum(attention_mask) - 1, or T_past .. T_past + T - 1 without a mask.
-        attention_mask: bool (B, T_past + T), True = real token, False = padding (left or right).
+        attention_mask: bool (B, T_past + T), True = real token, False = padding (left or right);
+            or a full mask (B, 1, T, T_past + T), True = new token i may attend to key j, used as
+            given (position_ids required). fewshot.py packs all candidate labels into one row this way.
         kv_cache: keys/values of the earlier tokens; use_cache: also return the extended cache.
         return_hidden: return the final-LayerNorm hidden states (B, T, C) instead of logits (B, T, V).
         """
@@ -330,7 +332,13 @@ class GPT(nn.Module):
             raise ValueError(f"kv_cache holds {kv_cache.batch_size} rows but the input has {B}")
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
-            if attention_mask.shape != (B, T_past + T):
+            if attention_mask.dim() == 4:
+                if attention_mask.shape != (B, 1, T, T_past + T) or position_ids is None:
+                    raise ValueError(
+                        f"a 4-D attention_mask must have shape (B, 1, T, T_past + T) = {(B, 1, T, T_past + T)} "
+                        f"(got {tuple(attention_mask.shape)}) and comes with explicit position_ids"
+                    )
+            elif attention_mask.shape != (B, T_past + T):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                     f"(B, T_past + T) = {(B, T_past + T)}"
@@ -363,6 +371,8 @@ class GPT(nn.Module):
     @staticmethod
     def _attention_mask(attention_mask: Tensor | None, T_past: int, T: int, device: torch.device) -> Tensor | None:
         """Boolean mask (B or 1, 1, T, T_past + T) for SDPA, or None for the plain causal case."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask  # the caller's full mask
         if attention_mask is None and T_past == 0:
             return None  # SDPA's is_causal=True path
         S = T_past + T
