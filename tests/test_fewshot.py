@@ -80,8 +80,10 @@ def test_cached_scorer_matches_naive_loglikelihoods():
             for n, m in ((20, 7), (35, 2), (3, 11))]
     prompt = build_prompt(rows, lm.wte)
     candidates = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (1, 3, 2, 5, 3)]
+    # ... and labels that share prefixes, as FSC's do ("activate lights kitchen" / "activate lights none").
+    candidates += [candidates[3][:3] + [7, 8], candidates[3][:1] + [9], candidates[3][:4] + [11]]
     cached, naive = rank_scores(lm, prompt, candidates), rank_scores_naive(lm, prompt, candidates)
-    assert cached.shape == (3, 5)
+    assert cached.shape == (3, 8)
     torch.testing.assert_close(cached, naive, atol=1e-4, rtol=0)
     # ... and they are real log-likelihoods: the naive one checked against a direct formula.
     x = torch.tensor(rows[0][0])
@@ -91,6 +93,33 @@ def test_cached_scorer_matches_naive_loglikelihoods():
     P = len(x) + rows[0][1].shape[0]
     direct = sum(logp[P - 1 + j, t] for j, t in enumerate(candidates[3]))
     assert abs(direct.item() - naive[0, 3].item()) < 1e-4
+
+
+def test_candidate_trie_packs_shared_prefixes():
+    trie = fewshot.CandidateTrie.build([[5, 6, 7], [5, 6, 8], [5, 9], [4]])
+    # Fed nodes (every proper prefix once): (5,), (5, 6). The first tokens come from the prompt.
+    assert trie.tokens.tolist() == [5, 6] and trie.depth.tolist() == [0, 1]
+    assert trie.visible.tolist() == [[True, False], [True, True]]
+    assert trie.first.tolist() == [5, 5, 5, 4]
+    pairs = sorted(zip(trie.owner.tolist(), trie.node.tolist(), trie.target.tolist()))
+    assert pairs == [(0, 0, 6), (0, 1, 7), (1, 0, 6), (1, 1, 8), (2, 0, 9)]
+
+
+def test_full_attention_mask_equals_padding_mask():
+    # decoder.py's 4-D attention_mask (used by rank_scores) against its usual 2-D padding mask.
+    lm = tiny_lm(50)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 50, (2, 6), generator=g)
+    pad = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    full = torch.ones(6, 6, dtype=torch.bool).tril() & pad[:, None, :]
+    full |= torch.eye(6, dtype=torch.bool)  # every position sees itself, as the 2-D path does
+    pos = (pad.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = lm(x, attention_mask=pad)
+        b = lm(x, attention_mask=full[:, None], position_ids=pos)
+    torch.testing.assert_close(a[pad], b[pad])
+    with pytest.raises(ValueError, match="explicit position_ids"):
+        lm(x, attention_mask=full[:, None])
 
 
 @pytest.mark.parametrize("select", ["random", "kate"])
@@ -268,11 +297,13 @@ def test_prompt_longer_than_context_refused_or_truncated():
     tok = WordTokenizer(all_words())
     lm = tiny_lm(tok.vocab_size, block_size=32)
     world = FewShot(lm, tok, make_split(8, "train", 0, with_audio=False), make_split(3, "test", 1, with_audio=False))
-    # Each demo line is 8 tokens and the query 6 + a 4-token label: k=4 needs 42 > 32 positions.
+    # A demo line is 10 tokens ("please x y z now", "=>", " x y z\n"), the query 6, and the 4 labels'
+    # trie has 11 nodes (a, b, d; al, am, bj, dh; alk, amn, bjn, dhb): 32 - 11 = 21 positions for the prompt.
+    assert len(world.trie.tokens) == 11
     with pytest.raises(ValueError, match="exceeds the LM's context of 32"):
         world.run(RunConfig(k=4, mode="text", select="fixed"))
     r = world.run(RunConfig(k=4, mode="text", select="fixed", truncate=True))
-    assert r["dropped_demos"] == 3 * 2  # two demos dropped per query: 2*8 + 6 + 4 = 26 <= 32
+    assert r["dropped_demos"] == 3 * 3  # one demo kept per query: 10 + 6 = 16 <= 21 < 26
 
 
 def test_cli_rejects_a_checkpoint_for_another_lm(tmp_path, capsys):
