@@ -6,11 +6,11 @@ speed:  one utterance of --seconds (default 10 s), both models with the same ran
         (ours, theirs, ours, theirs, ...) so that load from other processes hits both alike; the median and
         the minimum of --runs calls are reported.
 memory: peak resident memory of one forward on a batch (default 8 x 4 s). Each measurement runs in a fresh
-        subprocess: it builds the model and the input, reads its current resident memory (/proc/self/statm),
-        runs one forward, and reads ru_maxrss, the process's resident high-water mark. The difference is the
-        extra memory the forward needed at its peak (activations and temporaries); the baseline (interpreter,
-        torch, weights, input) is reported too. torch's CPU allocator hands large blocks back to the OS when
-        they are freed, so RSS follows the live tensors.
+        subprocess: it builds the model and the input, resets the resident-memory high-water mark (Linux
+        /proc/self/clear_refs) and notes the current RSS, runs one forward, and reads the high-water mark
+        (VmHWM). The difference is the extra memory the forward needed at its peak (activations and
+        temporaries); the baseline (interpreter, torch, weights, input) is reported too. torch's CPU
+        allocator hands large blocks back to the OS when they are freed, so RSS follows the live tensors.
 
     python bench/bench_encoder.py                      # both, hubert-base
     python bench/bench_encoder.py --what speed --threads 2 --runs 7
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_kl import peak_since_mib, start_peak_window  # noqa: E402  (same folder: the memory probe)
 from encoder import SAMPLE_RATE, HuBERT, HuBERTConfig  # noqa: E402
 
 
@@ -71,12 +71,6 @@ def bench_speed(args) -> None:
     print(f"  ours / theirs (median) = {ratio:.3f}")
 
 
-def current_rss_mib() -> float:
-    """Resident memory right now (Linux /proc/self/statm: pages)."""
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * resource.getpagesize() / 2**20
-
-
 def memory_worker(args) -> None:
     """Runs in a fresh process: prints a JSON line with the resident memory before and at the peak of one forward.
     Only the measured model is built (its weights do not matter for memory)."""
@@ -92,25 +86,22 @@ def memory_worker(args) -> None:
     lengths = torch.full((args.batch,), wav.size(1))
     lengths[1::2] -= SAMPLE_RATE // 2  # half the rows 0.5 s shorter: a realistic padded batch
     gc.collect()
-    before = current_rss_mib()
-    high_water_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    before = start_peak_window()
     with torch.inference_mode():
         run(model, wav, lengths)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # if building the model had already set a higher mark than the forward reached, we only know an upper bound
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "exact": peak > high_water_before}))
+    print(json.dumps({"before_mib": before, "forward_mib": peak_since_mib(before)}))
 
 
 def bench_memory(args) -> None:
     print(f"memory: {args.config}, batch {args.batch} x {args.seconds:g} s (odd rows 0.5 s shorter), fp32, "
-          f"ru_maxrss in fresh processes")
+          f"peak RSS in fresh processes")
     for impl in ("ours", "theirs"):
         cmd = [sys.executable, __file__, "--worker", "memory", "--impl", impl, "--config", args.config,
                "--batch", str(args.batch), "--seconds", str(args.seconds), "--threads", str(args.threads),
                "--attn", args.attn]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        print(f"  {impl:7s} baseline {result['before_mib']:7.0f} MiB   peak {result['peak_mib']:7.0f} MiB   "
-              f"forward needs {'' if result['exact'] else '<= '}{result['peak_mib'] - result['before_mib']:.0f} MiB")
+        print(f"  {impl:7s} baseline {result['before_mib']:5.0f} MiB   peak {result['before_mib'] + result['forward_mib']:5.0f}"
+              f" MiB   the forward's own peak: {result['forward_mib']:4.0f} MiB")
 
 
 def main() -> None:

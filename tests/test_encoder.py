@@ -169,6 +169,24 @@ def test_save_pretrained_round_trip_and_transformers_reads_it(tmp_path):
         assert (theirs(wav).last_hidden_state - hidden).abs().max().item() <= TOL
 
 
+def test_names_resolve_through_the_seal_cache_and_an_offline_hf_cache(tmp_path, monkeypatch):
+    """"hubert-base" is an alias of facebook/hubert-base-ls960, found in an existing HF cache; a bare name is
+    looked up in the Seal cache, where the micro world saves its models."""
+    tiny = HuBERT(HuBERTConfig.preset("hubert-tiny"))
+    repo = tmp_path / "hf" / "models--facebook--hubert-base-ls960"
+    tiny.save_pretrained(repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    small = HuBERT(dataclasses.replace(HuBERTConfig.preset("hubert-tiny"), n_layer=1))
+    small.save_pretrained(tmp_path / "seal" / "tiny-hubert")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path / "seal"))
+    monkeypatch.chdir(tmp_path)
+    assert HuBERT.from_pretrained("hubert-base").config == tiny.config
+    assert HuBERT.from_pretrained("tiny-hubert").config.n_layer == 1
+
+
 # -----------------------------------------------------------------------------
 # Padding never leaks into real frames
 
@@ -343,7 +361,8 @@ def test_mask_time_indices_matches_transformers_and_trains_the_mask_embedding():
 
 
 def test_cli_prints_frames_and_statistics(tmp_path, capsys):
-    data = pytest.importorskip("data")
+    import data
+
     HuBERT(HuBERTConfig.preset("hubert-tiny")).save_pretrained(tmp_path / "tiny")
     data.write_wav(tmp_path / "a.wav", 0.1 * torch.randn(SAMPLE_RATE))
     assert main(["--encoder", str(tmp_path / "tiny"), "--wav", str(tmp_path / "a.wav")]) == 0
