@@ -96,7 +96,9 @@ class Projector(nn.Module):
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
         k = self.config.rate
-        T_out = int(self.output_lengths(lengths).max()) if B else 0
+        # Windows over the whole padded axis, ceil(T / k): taken from the shape, not from lengths.max(),
+        # so there is no device->host sync and torch.compile sees no data-dependent shape.
+        T_out = -(-T // k)
         real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
         x = x * real[..., None].to(x.dtype)  # zero the padding frames
         # Right-pad with zeros so that the last window (and the conv kernel) is complete.
