@@ -484,3 +484,17 @@ def test_bars_render_2000_and_load_500_per_second(tmp_path):
     for i in range(len(ds)):
         ds[i]
     assert len(ds) / (time.perf_counter() - t) >= 500
+
+
+def test_dataloader_with_bucket_sampler_and_collate(synth_dir):
+    ds = FluentSpeechCommands(synth_dir / "fluent_speech_commands_dataset", "train")
+    sampler = LengthBucketSampler(ds.lengths(), batch_size=4, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    seen = []
+    for batch in loader:
+        assert batch["wav"].shape == (len(batch["text"]), int(batch["lengths"].max()))
+        for wav, n, path in zip(batch["wav"], batch["lengths"], batch["path"]):
+            i = next(k for k in range(len(ds)) if ds.rows[k]["path"] == data.Path(path))
+            assert ds.lengths()[i] == n and torch.equal(wav[:n], ds[i]["wav"]) and wav[n:].abs().sum() == 0
+            seen.append(i)
+    assert sorted(seen) == list(range(len(ds)))
