@@ -60,7 +60,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from decoder import GPT, load_tokenizer
-from seal import Prompt, Seal, build_prompt
+from seal import Prompt, Seal, build_prompt, read_projector
 
 MODES = ("speech", "text", "none")
 SELECTIONS = ("random", "fixed", "kate")
@@ -455,9 +455,13 @@ class FewShot:
 
     # --- what goes into the input slot
 
-    def _needs_speech(self, mode: str) -> None:
-        if mode in ("speech", "none") and not self.banks:
-            raise ValueError(f"--mode {mode} needs a Seal checkpoint and audio; only --mode text works with an LM alone")
+    def check(self, config: RunConfig) -> None:
+        """Refuse a run that cannot work, before any work is done."""
+        if config.mode in ("speech", "none") and not self.banks:
+            raise ValueError(f"--mode {config.mode} needs a Seal checkpoint and audio; only --mode text works with an LM alone")
+        pool = len(self.train) if not config.pool_per_class else config.pool_per_class * len(set(self.train.labels))
+        if config.k > pool:
+            raise ValueError(f"k = {config.k} demonstrations requested but the train pool holds only {pool} examples")
 
     def features(self, split: Split) -> Tensor:
         """Pooled features for KATE: speech features when a Seal is loaded (so that every mode sees the
@@ -523,7 +527,7 @@ class FewShot:
         """Evaluate the test queries (default all) once; returns predictions and accuracy.
 
         `scorer` is rank_scores or rank_scores_naive (same results, different speed)."""
-        self._needs_speech(config.mode)
+        self.check(config)
         queries = list(range(len(self.test))) if queries is None else list(queries)
         if not queries:
             raise ValueError(f"the {self.test.name} split has no queries to evaluate")
@@ -678,12 +682,22 @@ def load_split(task: str, data_dir: str | Path, split: str) -> Split:
                  audio=lambda i: dataset[i]["wav"], name=f"{task}/{split}")
 
 
-def default_paths(task: str) -> tuple[Path, Path]:
-    """(projector checkpoint, data folder) of the micro world (python train.py), under $SEAL_CACHE."""
+def find_micro_world(task: str) -> tuple[Path | None, Path | None]:
+    """The micro world's (python train.py) newest Seal projector and synthetic set for `task`.
+
+    Searched under $SEAL_CACHE (default ~/.cache/seal) and ./runs: the newest `projector.safetensors`
+    trained with the KL loss (Seal; a CE-trained PSRT one only if there is no other), and the newest
+    folder in the FSC layout (data/train_data.csv) or SLURP layout (dataset/slurp/train.jsonl).
+    """
     from data import default_cache_dir
 
-    root = default_cache_dir()
-    return root / "micro-world" / f"seal-{task}" / "projector.safetensors", root / "micro-world" / f"synthetic-{task}"
+    roots = [r for r in (default_cache_dir(), Path("runs")) if r.is_dir()]
+    newest = lambda paths: max(paths, key=lambda p: p.stat().st_mtime, default=None)  # noqa: E731
+    ckpts = [p for r in roots for p in r.rglob("projector.safetensors")]
+    kl = [p for p in ckpts if read_projector(p)[0].loss == "kl"]
+    index = ("data", "train_data.csv") if task == "fsc" else ("dataset", "slurp", "train.jsonl")
+    sets = [p.parents[len(index) - 1] for r in roots for p in r.rglob(index[-1]) if p.parts[-len(index):] == index]
+    return newest(kl or ckpts), newest(sets)
 
 
 def load_models(ckpt: str | None, lm_name: str | None, encoder_name: str | None,
@@ -730,19 +744,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Few-shot intent classification with Seal: k spoken demonstrations in the prompt, no training. "
                     "Without --ckpt/--data-dir it evaluates the micro world (python train.py) on its synthetic set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=("fsc", "slurp"), default="fsc", help="Fluent Speech Commands or SLURP")
-    p.add_argument("--k", type=int, nargs="+", default=[5], help="demonstrations per prompt (several: one run each)")
+)
+    p.add_argument("--task", choices=("fsc", "slurp"), default="fsc", help="Fluent Speech Commands or SLURP (default: fsc)")
+    p.add_argument("--k", type=int, nargs="+", default=[5], help="demonstrations per prompt; several values: one run each (default: 5)")
     p.add_argument("--mode", choices=MODES, nargs="+", default=["speech"],
-                   help="input slot: speech (Seal), text (true transcripts, the upper bound), none (demos without input)")
+                   help="input slot: speech (Seal), text (true transcripts: the upper bound), none (demos without input); "
+                        "several: one run each (default: speech)")
     p.add_argument("--select", choices=SELECTIONS, default="random",
-                   help="demos: random per query, fixed per seed, or kate (nearest neighbours of the query)")
+                   help="demos: random per query, fixed per seed, or kate (nearest neighbours of the query) (default: random)")
     p.add_argument("--scoring", choices=SCORINGS, default="rank",
-                   help="rank the task's labels by log-likelihood, or generate greedily and match exactly")
+                   help="rank the task's labels by log-likelihood, or generate greedily and match exactly (default: rank)")
     p.add_argument("--length-norm", action="store_true", help="rank by mean log-prob per label token")
     p.add_argument("--calibrate", action="store_true", help="contextual calibration with content-free inputs")
-    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1; reports a 95%% CI over seeds")
-    p.add_argument("--pool-per-class", type=int, default=0, help="draw demos from a class-balanced pool of N per label")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report a 95%% CI over seeds (default: 1)")
+    p.add_argument("--pool-per-class", type=int, default=0, help="draw demos from a class-balanced pool of N per label (default: the whole train split)")
     p.add_argument("--truncate", action="store_true",
                    help="drop the farthest demos of a prompt longer than the LM's context (default: refuse)")
     p.add_argument("--ckpt", help="Seal projector checkpoint (default: the micro world's)")
@@ -750,11 +765,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder", help="with --ckpt: the encoder it must have been trained with")
     p.add_argument("--data-dir", help="real FSC folder (fluent_speech_commands_dataset) or SLURP clone "
                                       "(default: the micro world's synthetic set)")
-    p.add_argument("--split", default="test", help="split to evaluate (demos always come from train)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N queries (0: all)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="demonstration line with {input} and {label}")
-    p.add_argument("--batch-size", type=int, default=8, help="queries per forward")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--split", default="test", help="split to evaluate; demos always come from train (default: test)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate a fixed random subset of N queries (default: all)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="demonstration line with {input} and {label} (default: %(default)r)")
+    p.add_argument("--batch-size", type=int, default=8, help="queries per forward (default: 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
     p.add_argument("--out", help="write results as JSON here (and a PNG of accuracy vs k next to it)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.limit < 0 or min(args.k) < 0:
@@ -772,19 +787,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate_cli(args: argparse.Namespace) -> dict:
-    world_ckpt, world_data = default_paths(args.task)
+    world_ckpt, world_data = find_micro_world(args.task) if args.ckpt is None or args.data_dir is None else (None, None)
     synthetic = args.data_dir is None
-    data_dir = world_data if synthetic else Path(args.data_dir)
     ckpt = args.ckpt
     if ckpt is None and args.lm is None:
-        if not world_ckpt.is_file():
-            raise ValueError(f"no checkpoint given and no micro-world checkpoint at {world_ckpt}: "
-                             f"run `python train.py` first, or pass --ckpt (or --lm for --mode text)")
+        if world_ckpt is None:
+            raise ValueError("no --ckpt given and no micro-world checkpoint (projector.safetensors) under "
+                             "$SEAL_CACHE or ./runs: run `python train.py` first, or pass --ckpt (or --lm for --mode text)")
         ckpt = str(world_ckpt)
     if synthetic:
-        if not data_dir.is_dir():
-            raise ValueError(f"no --data-dir given and no synthetic set at {data_dir}: run `python train.py` first")
+        if world_data is None:
+            raise ValueError(f"no --data-dir given and no synthetic {args.task.upper()}-style set under $SEAL_CACHE "
+                             f"or ./runs: run `python train.py` (or `python data.py synth --out DIR`) first")
+        data_dir = world_data
         print(f"data: the micro world's SYNTHETIC {args.task.upper()}-style set at {data_dir} (not the real dataset)")
+    else:
+        data_dir = Path(args.data_dir)
     lm, tokenizer, seal = load_models(ckpt, args.lm, args.encoder, args.device)
     train, test = load_split(args.task, data_dir, "train"), load_split(args.task, data_dir, args.split)
     fewshot = FewShot(lm, tokenizer, train, test, seal=seal, template=args.template)
@@ -797,6 +815,8 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
     configs = [RunConfig(k=k, mode=mode, select=args.select, scoring=args.scoring, length_norm=args.length_norm,
                          calibrate=args.calibrate, pool_per_class=args.pool_per_class, truncate=args.truncate,
                          batch_size=args.batch_size) for mode in args.mode for k in args.k]
+    for config in configs:
+        fewshot.check(config)
     results = []
     with tqdm(total=len(configs) * args.seeds * len(queries), desc="few-shot", unit="query") as bar:
         for config in configs:

@@ -306,25 +306,84 @@ def test_prompt_longer_than_context_refused_or_truncated():
     assert r["dropped_demos"] == 3 * 3  # one demo kept per query: 10 + 6 = 16 <= 21 < 26
 
 
-def test_cli_rejects_a_checkpoint_for_another_lm(tmp_path, capsys):
-    """Save a tiny Seal (models + byte-level tokenizer on disk), then ask for it with another LM."""
+def save_tiny_seal(root):
+    """A random tiny Seal on disk: LM (byte-level tokenizer, no merges), encoder, projector checkpoint."""
     from decoder import bytes_to_unicode
 
-    lm_dir, enc_dir = tmp_path / "lm", tmp_path / "enc"
+    lm_dir, enc_dir = root / "lm", root / "enc"
     torch.manual_seed(0)
-    lm = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    lm = GPT(GPTConfig(block_size=1024, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     lm.save_pretrained(lm_dir, extra_files={"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"})
     encoder = HuBERT(HuBERTConfig.preset("hubert-tiny"))
     encoder.save_pretrained(enc_dir)
     projector = Projector(ProjectorConfig(in_dim=64, out_dim=32, rate=4, hidden_dim=16))
     seal = Seal(encoder, projector, lm, None, SealConfig(encoder=str(enc_dir), lm=str(lm_dir), projector=projector.config))
-    ckpt = tmp_path / "projector.safetensors"
+    ckpt = root / "run" / "projector.safetensors"
+    ckpt.parent.mkdir(parents=True)
     seal.save_projector(ckpt)
-    lm2, _, loaded = fewshot.load_models(str(ckpt), None, None, "cpu")  # loads what it names
-    assert loaded.config.lm == str(lm_dir) and lm2.config.n_embd == 32
-    with pytest.raises(SystemExit) as e:
-        fewshot.main(["--ckpt", str(ckpt), "--lm", "gpt2", "--data-dir", str(tmp_path)])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "trained for lm" in err and "gpt2" in err
+    return ckpt, lm_dir
+
+
+def write_fsc_layout(root, n_train=6, n_test=4):
+    """A tiny folder in the real FSC layout (index CSVs + 16 kHz WAVs of noise)."""
+    from data import write_wav
+
+    intents = [("activate", "lights", "kitchen"), ("bring", "juice", "none"), ("decrease", "heat", "bedroom")]
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = [",path,speakerId,transcription,action,object,location"]
+        for i in range(n):
+            a, o, l = intents[i % 3]
+            path = f"wavs/speakers/s{i % 2}/{split}{i}.wav"
+            write_wav(root / path, 0.1 * torch.randn(4000 + 800 * i, generator=g))
+            lines.append(f"{i},{path},s{i % 2},{a} the {o} {l},{a},{o},{l}")
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "data" / f"{split}_data.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_cli_end_to_end_json_and_defaults(tmp_path, capsys, monkeypatch):
+    ckpt, _ = save_tiny_seal(tmp_path)
+    fsc = write_fsc_layout(tmp_path / "synthetic" / "fluent_speech_commands_dataset")
+    out = tmp_path / "results.json"
+    report = fewshot.main(["--ckpt", str(ckpt), "--data-dir", str(fsc), "--k", "0", "2", "--mode", "speech", "text",
+                           "--seeds", "2", "--out", str(out), "--batch-size", "3"])
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" not in printed and "speech k=2: accuracy" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["accuracy"]) == {"speech k=0", "speech k=2", "text k=0", "text k=2"}
+    assert saved["labels"] == ["activate lights kitchen", "bring juice none", "decrease heat bedroom"]
+    run = saved["results"][1]
+    assert (run["mode"], run["k"], len(run["per_seed"])) == ("speech", 2, 2) and run["ci95"] is not None
+    assert all(0 <= a <= 1 for a in run["per_label"].values())
+    assert report["results"][1]["runs"][0]["demos"][0][0] in range(6)  # demos index the train split
+    # Without --ckpt / --data-dir: the newest micro-world checkpoint and synthetic set under $SEAL_CACHE.
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    single = fewshot.main(["--k", "1", "--limit", "2"])
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC FSC-style set" in printed and str(fsc) in printed
+    assert isinstance(single["accuracy"], float) and single["checkpoint"] == str(ckpt) and single["queries"] == 2
+
+
+def test_cli_bad_input_messages(tmp_path, capsys):
+    ckpt, lm_dir = save_tiny_seal(tmp_path)
+    fsc = write_fsc_layout(tmp_path / "fsc")
+    empty = write_fsc_layout(tmp_path / "empty", n_test=0)
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            fewshot.main(list(argv))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err  # after the progress bar
+        return err
+
+    assert "trained for lm" in error("--ckpt", str(ckpt), "--lm", "gpt2", "--data-dir", str(fsc))
+    assert "trained for encoder" in error("--ckpt", str(ckpt), "--encoder", "hubert-base", "--data-dir", str(fsc))
+    assert "train pool holds only 6" in error("--ckpt", str(ckpt), "--data-dir", str(fsc), "--k", "7")
+    assert "split is empty" in error("--ckpt", str(ckpt), "--data-dir", str(empty))
+    assert "exceeds the LM's context" in error("--lm", str(lm_dir), "--mode", "text", "--data-dir", str(fsc),
+                                               "--k", "5", "--template", "{input}" + " " * 200 + "=> {label}\n")
+    assert "Fluent Speech Commands not found" in error("--ckpt", str(ckpt), "--data-dir", str(tmp_path / "nowhere"))
