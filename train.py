@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -249,10 +250,16 @@ def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: t
     values, and hence training, are reproducible across --resume. With --cache disk, one file per
     utterance under cache_dir/desc; files already there are reused (rank 0 writes, see train()).
     """
+    if cfg.cache == "none" and not cfg.cache_teacher:
+        return
     per_batch = max(1, cfg.batch_size // cfg.grad_accum)
     order = sorted(range(len(examples)), key=lambda i: examples[i].n_samples)
-    folder = cache_dir / desc if cache_dir is not None else None
-    if folder is not None:
+    folder = None
+    if cache_dir is not None:
+        # The folder name fingerprints what the features depend on, so that another encoder, layer
+        # or data set never picks up stale files.
+        key = json.dumps([cfg.encoder, cfg.encoder_layer, [str(e.source.rows[e.index]["path"]) for e in examples]])
+        folder = cache_dir / f"{desc}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, e in enumerate(examples):
             e.feats_path = folder / f"{i}.pt"
@@ -315,9 +322,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2], "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": int(np.random.get_state()[2])}
+    """Every generator a step could draw from (torch, CUDA, numpy, python), as tensors and numbers."""
+    _, py_state, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(py_state), "python_gauss": py_gauss,
+             "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_rest": [np_pos, np_has_gauss, np_gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -325,8 +334,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_rest"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
