@@ -256,12 +256,13 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, config: HuBERTConfig):
         super().__init__()
-        c_in = (1,) + config.conv_dim[:-1]
-        norms = [config.extractor_norm if (config.extractor_norm == "layer" or i == 0) else None
-                 for i in range(len(config.conv_dim))]
-        self.conv_layers = nn.ModuleList(
-            ConvLayer(c_in[i], config.conv_dim[i], config.conv_kernel[i], config.conv_stride[i], config.conv_bias,
-                      norms[i]) for i in range(len(config.conv_dim)))
+        layers, c_in = [], 1  # the waveform is one input channel
+        for i, (c_out, kernel, stride) in enumerate(zip(config.conv_dim, config.conv_kernel, config.conv_stride)):
+            # "group": a GroupNorm after conv 0 only; "layer": a LayerNorm after every conv
+            norm = config.extractor_norm if config.extractor_norm == "layer" or i == 0 else None
+            layers.append(ConvLayer(c_in, c_out, kernel, stride, config.conv_bias, norm))
+            c_in = c_out
+        self.conv_layers = nn.ModuleList(layers)
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = wav[:, None, :]  # (B, 1, S): one input channel
