@@ -44,12 +44,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -79,8 +78,8 @@ def label_text(task: str, label: str | Sequence[str]) -> str:
 
     FSC: the intent (action, object, location), e.g. "activate lights kitchen" ("none" kept: it is
     how FSC spells "no location", and it keeps the 31 labels distinct). SLURP: "scenario action"
-    with underscores as spaces, e.g. "iot hue lightoff". A label that is already text is split on
-    "_" (the usual file spelling, "activate_lights_kitchen") and joined with spaces.
+    with underscores as spaces, e.g. "iot hue lightoff". Takes data.py's spellings ("activate lights
+    kitchen", "iot_hue_lightoff") or a tuple of fields.
     """
     if task not in ("fsc", "slurp"):
         raise ValueError(f"unknown task {task!r}: expected 'fsc' or 'slurp'")
@@ -438,7 +437,6 @@ class FewShot:
         self.between_ids, self.before_ids = enc(self.template.between), enc(self.template.before)
         self.banks = {s.name: SpeechBank(seal, s) for s in (train, test)} if seal is not None and \
             train.audio is not None and test.audio is not None else {}
-        self._features: dict[str, Tensor] = {}
 
     @property
     def stop(self) -> list[int]:
@@ -463,15 +461,12 @@ class FewShot:
         if config.k > pool:
             raise ValueError(f"k = {config.k} demonstrations requested but the train pool holds only {pool} examples")
 
-    def features(self, split: Split) -> Tensor:
-        """Pooled features for KATE: speech features when a Seal is loaded (so that every mode sees the
-        same demonstrations), else the LM's pooled hidden states of the transcripts."""
-        if split.name not in self._features:
-            if self.banks:
-                self._features[split.name] = self.banks[split.name].features(range(len(split)))
-            else:
-                self._features[split.name] = text_features(self.lm, self.tokenizer, split.texts)
-        return self._features[split.name]
+    def features(self, split: Split, indices: Sequence[int]) -> Tensor:
+        """Pooled features for KATE (N, D): speech features when a Seal is loaded (so that every mode
+        sees the same demonstrations), else the LM's pooled hidden states of the transcripts."""
+        if self.banks:
+            return self.banks[split.name].features(indices)
+        return text_features(self.lm, self.tokenizer, [split.texts[i] for i in indices])
 
     def content_free(self, mode: str) -> list:
         """Inputs with no content for calibration: empty text and "N/A" (Zhao et al. 2021); in speech
@@ -500,18 +495,19 @@ class FewShot:
         segs += [self.before_ids, query_input, self.between_ids]
         return [s for s in segs if len(s)]
 
-    def _fit(self, demos: list[int], query_input, mode: str, query: int, n_new: int,
-             truncate: bool) -> tuple[list, int]:
-        """Segments of a prompt that leaves room for n_new tokens in the LM's context.
+    def _fit(self, demos: list[int], inputs: list, mode: str, query: int, n_new: int,
+             truncate: bool) -> tuple[list[list], int]:
+        """Segments of the prompt for each of `inputs` (the query, then any content-free inputs),
+        with the same demonstrations, leaving room for n_new positions in the LM's context.
 
         Too long: with truncate, drop demonstrations from the front (the least similar for kate,
-        nearest last) until it fits and report how many were dropped; without, refuse."""
+        nearest last) until the longest prompt fits, and report how many were dropped; without, refuse."""
         limit = self.lm.config.block_size - n_new
         for dropped in range(len(demos) + 1):
-            segs = self.segments(demos[dropped:], query_input, mode)
-            length = sum(len(s) for s in segs)
+            prompts = [self.segments(demos[dropped:], x, mode) for x in inputs]
+            length = max(sum(len(s) for s in segs) for segs in prompts)
             if length <= limit:
-                return segs, dropped
+                return prompts, dropped
             if not truncate:
                 raise ValueError(
                     f"query {query}: prompt of {length} positions ({len(demos)} demos) + {n_new} label positions "
@@ -537,8 +533,7 @@ class FewShot:
             pool = balanced_pool(self.train.labels, config.pool_per_class, rng)
         feats = {}
         if config.select == "kate" and config.k:
-            feats = dict(pool_features=self.features(self.train)[pool],
-                         query_features=self.features(self.test)[queries])
+            feats = dict(pool_features=self.features(self.train, pool), query_features=self.features(self.test, queries))
         demos = select_demos(config.select, config.k, pool, len(queries), rng, **feats)
         # Room after the prompt: rank_scores packs all labels' trie nodes there; generation its tokens.
         n_new = len(self.trie.tokens) if config.scoring == "rank" else self.max_new_tokens
@@ -549,12 +544,11 @@ class FewShot:
             batch = queries[start: start + config.batch_size]
             rows = []
             for q, d in zip(batch, demos[start: start + config.batch_size]):
-                query_input = self._input(self.test, q, config.mode, is_query=True)
-                segs, n = self._fit(d, query_input, config.mode, q, n_new, config.truncate)
-                dropped += n
-                kept = d[n:]
                 # Calibration prompts: the same demonstrations, the query replaced by a content-free input.
-                rows.append([segs] + [self.segments(kept, cf, config.mode) for cf in cf_inputs])
+                inputs = [self._input(self.test, q, config.mode, is_query=True), *cf_inputs]
+                prompts, n = self._fit(d, inputs, config.mode, q, n_new, config.truncate)
+                rows.append(prompts)
+                dropped += n
             predictions += self._predict(rows, config, scorer)
             if progress is not None:
                 progress.update(len(batch))
