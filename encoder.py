@@ -479,6 +479,9 @@ class HuBERT(nn.Module):
         if mask_time_indices is not None:
             if self.masked_spec_embed is None:
                 raise ValueError("mask_time_indices needs a model built with HuBERT(config, masked_pretraining=True)")
+            if mask_time_indices.shape != x.shape[:2] or mask_time_indices.dtype != torch.bool:
+                raise ValueError(f"mask_time_indices must be bool {tuple(x.shape[:2])} (batch, frames), got "
+                                 f"{mask_time_indices.dtype} {tuple(mask_time_indices.shape)}")
             x = torch.where(mask_time_indices[:, :, None], self.masked_spec_embed.to(x.dtype), x)
         T = x.size(1)
         valid = None if bool((frame_lengths == T).all()) else length_mask(frame_lengths, T)  # (B, T) or None

@@ -352,6 +352,8 @@ def test_mask_time_indices_matches_transformers_and_trains_the_mask_embedding():
         expected = hf(wav, mask_time_indices=mask).last_hidden_state
     hidden, _ = model(wav, mask_time_indices=mask)
     assert (hidden - expected).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match=r"mask_time_indices must be bool \(2, 24\)"):
+        model(wav, mask_time_indices=mask[:, :-1])
     hidden.square().mean().backward()
     assert model.masked_spec_embed.grad.abs().sum() > 0
 
