@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+import data
 from decoder import GPT, load_tokenizer
 from seal import Prompt, Seal, build_prompt, read_projector
 
@@ -669,8 +670,6 @@ def summarize(runs: Sequence[dict], labels: Sequence[str], top_confusions: int =
 def load_split(task: str, data_dir: str | Path, split: str) -> Split:
     """A split of FSC (folder `fluent_speech_commands_dataset`) or SLURP (repository clone), read
     with data.py's loaders; labels become natural text (`label_text`). Audio is loaded on demand."""
-    import data
-
     dataset = data.FluentSpeechCommands(data_dir, split) if task == "fsc" else data.Slurp(data_dir, split)
     return Split(texts=[r["text"] for r in dataset.rows], labels=[label_text(task, r["label"]) for r in dataset.rows],
                  audio=lambda i: dataset[i]["wav"], name=f"{task}/{split}")
@@ -683,9 +682,7 @@ def find_micro_world(task: str) -> tuple[Path | None, Path | None]:
     trained with the KL loss (Seal; a CE-trained PSRT one only if there is no other), and the newest
     folder in the FSC layout (data/train_data.csv) or SLURP layout (dataset/slurp/train.jsonl).
     """
-    from data import default_cache_dir
-
-    roots = [r for r in (default_cache_dir(), Path("runs")) if r.is_dir()]
+    roots = [r for r in (data.default_cache_dir(), Path("runs")) if r.is_dir()]
     newest = lambda paths: max(paths, key=lambda p: p.stat().st_mtime, default=None)  # noqa: E731
     ckpts = [p for r in roots for p in r.rglob("projector.safetensors")]
     kl = [p for p in ckpts if read_projector(p)[0].loss == "kl"]
@@ -799,7 +796,9 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
         data_dir = Path(args.data_dir)
     lm, tokenizer, seal = load_models(ckpt, args.lm, args.encoder, args.device)
     train, test = load_split(args.task, data_dir, "train"), load_split(args.task, data_dir, args.split)
-    fewshot = FewShot(lm, tokenizer, train, test, seal=seal, template=args.template)
+    # FSC has a fixed set of 31 intents; SLURP's labels are those its splits use.
+    labels = sorted(label_text("fsc", i.label) for i in data.fsc_grammar().intents) if args.task == "fsc" else None
+    fewshot = FewShot(lm, tokenizer, train, test, labels=labels, seal=seal, template=args.template)
     queries = list(range(len(test)))
     if args.limit and args.limit < len(queries):
         queries = sorted(random.Random(0).sample(queries, args.limit))  # the same queries for every run

@@ -325,16 +325,16 @@ def save_tiny_seal(root):
     return ckpt, lm_dir
 
 
-def write_fsc_layout(root, n_train=6, n_test=4):
+def write_fsc_layout(root, n_train=6, n_test=4, intents=(("activate", "lights", "kitchen"), ("bring", "juice", "none"),
+                                                          ("decrease", "heat", "bedroom"))):
     """A tiny folder in the real FSC layout (index CSVs + 16 kHz WAVs of noise)."""
     from data import write_wav
 
-    intents = [("activate", "lights", "kitchen"), ("bring", "juice", "none"), ("decrease", "heat", "bedroom")]
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", n_train), ("test", n_test)):
         lines = [",path,speakerId,transcription,action,object,location"]
         for i in range(n):
-            a, o, l = intents[i % 3]
+            a, o, l = intents[i % len(intents)]
             path = f"wavs/speakers/s{i % 2}/{split}{i}.wav"
             write_wav(root / path, 0.1 * torch.randn(4000 + 800 * i, generator=g))
             lines.append(f"{i},{path},s{i % 2},{a} the {o} {l},{a},{o},{l}")
@@ -353,7 +353,7 @@ def test_cli_end_to_end_json_and_defaults(tmp_path, capsys, monkeypatch):
     assert "SYNTHETIC" not in printed and "speech k=2: accuracy" in printed
     saved = json.loads(out.read_text())
     assert set(saved["accuracy"]) == {"speech k=0", "speech k=2", "text k=0", "text k=2"}
-    assert saved["labels"] == ["activate lights kitchen", "bring juice none", "decrease heat bedroom"]
+    assert len(saved["labels"]) == 31 and "bring juice none" in saved["labels"]  # FSC's intents, all ranked
     run = saved["results"][1]
     assert (run["mode"], run["k"], len(run["per_seed"])) == ("speech", 2, 2) and run["ci95"] is not None
     assert all(0 <= a <= 1 for a in run["per_label"].values())
@@ -384,6 +384,8 @@ def test_cli_bad_input_messages(tmp_path, capsys):
     assert "trained for encoder" in error("--ckpt", str(ckpt), "--encoder", "hubert-base", "--data-dir", str(fsc))
     assert "train pool holds only 6" in error("--ckpt", str(ckpt), "--data-dir", str(fsc), "--k", "7")
     assert "split is empty" in error("--ckpt", str(ckpt), "--data-dir", str(empty))
+    odd = write_fsc_layout(tmp_path / "odd", intents=(("activate", "lights", "kitchen"), ("fly", "kite", "garden")))
+    assert "demo label(s) ['fly kite garden'] not in the label set of 31" in error("--ckpt", str(ckpt), "--data-dir", str(odd))
     assert "exceeds the LM's context" in error("--lm", str(lm_dir), "--mode", "text", "--data-dir", str(fsc),
                                                "--k", "5", "--template", "{input}" + " " * 200 + "=> {label}\n")
     assert "Fluent Speech Commands not found" in error("--ckpt", str(ckpt), "--data-dir", str(tmp_path / "nowhere"))
