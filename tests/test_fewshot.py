@@ -389,3 +389,17 @@ def test_cli_bad_input_messages(tmp_path, capsys):
     assert "exceeds the LM's context" in error("--lm", str(lm_dir), "--mode", "text", "--data-dir", str(fsc),
                                                "--k", "5", "--template", "{input}" + " " * 200 + "=> {label}\n")
     assert "Fluent Speech Commands not found" in error("--ckpt", str(ckpt), "--data-dir", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_benchmark_cached_scorer_is_10x_faster_than_naive(tmp_path):
+    """The bar of the few-shot issue: FSC (31 labels), k=5, micro-world-size LM, identical predictions."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench/bench_fewshot.py", "--queries", "16", "--naive-queries", "4",
+                    "--rounds", "1", "--json", str(out)], check=True)
+    result = json.loads(out.read_text())
+    assert result["identical_predictions"] and result["labels"] == 31 and result["k"] == 5
+    assert result["cpu_speedup"] >= 10, result
