@@ -21,15 +21,16 @@ Two ways to read the answer off the LM:
 Ranking looks expensive (31 labels x one forward each), but all candidates share the prompt. We run
 the prompt once and keep its keys and values (the KV cache, decoder.py); then all labels run in one
 more forward, packed after the cached prompt as their prefix trie ("activate" is computed once for
-the 7 labels that start with it), each token seeing only the prompt and its own label; queries are
+the 6 FSC labels that start with it), each token seeing only the prompt and its own label; queries are
 batched too. `rank_scores_naive` (one full forward per (query, label)) is the oracle the tests
-compare against; bench/bench_fewshot.py measures 20x (micro-world size) to 30x (GPT-2 size) over it.
+compare against; bench/bench_fewshot.py measures ~18x (micro-world size) to ~30x (GPT-2 size) over it.
 
 Demonstrations are chosen `random`ly per query, `fixed` per seed (the same for every query), or by
 `kate` (Liu et al. 2021): the train utterances whose pooled speech features are nearest (cosine) to
 the query's, nearest placed last, next to the query. `--mode text` puts the true transcripts where
 the speech would be (the upper bound: how well can the LM do if the projector were perfect?), and
-`--mode none` leaves the demonstrations' input slot empty (the LM sees only labels in context).
+`--mode none` leaves the demonstrations' input slot empty while the query keeps its speech (an
+ablation: the LM sees the labels in context, but not what they were said for).
 
 Optional contextual calibration (Zhao et al. 2021, "Calibrate before use"): few-shot LMs are biased
 towards labels that are frequent or recent in the prompt, or just common words. The bias is
@@ -707,7 +708,7 @@ def load_models(ckpt: str | None, lm_name: str | None, encoder_name: str | None,
     return seal.decoder, seal.tokenizer, seal
 
 
-def plot_accuracy(results: list[dict], path: Path) -> bool:
+def plot_accuracy(results: list[dict], chance: float, path: Path) -> bool:
     """Accuracy vs k, one line per mode (error bars: the CI over seeds). False without matplotlib."""
     try:
         import matplotlib
@@ -721,6 +722,8 @@ def plot_accuracy(results: list[dict], path: Path) -> bool:
         rs = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["k"])
         ax.errorbar([r["k"] for r in rs], [r["accuracy"] for r in rs], yerr=[r["ci95"] or 0 for r in rs],
                     marker="o", capsize=3, label=mode)
+    ax.axhline(chance, color="gray", linestyle="--", label="chance")
+    ax.set_xticks(sorted({r["k"] for r in results}))
     ax.set_xlabel("k (demonstrations)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -835,7 +838,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1))
         png = out.with_suffix(".png")
-        print(f"wrote {out}" + (f" and {png}" if plot_accuracy(results, png) else " (no plot: matplotlib not installed)"))
+        print(f"wrote {out}" + (f" and {png}" if plot_accuracy(results, 1 / len(fewshot.labels), png) else " (no plot: matplotlib not installed)"))
     return report
 
 

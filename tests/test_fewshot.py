@@ -1,5 +1,6 @@
 """Tests for fewshot.py: the cached batched scorer against the naive oracle, demo selection,
 calibration, statistics, a tiny world where text-mode few-shot must beat chance, and bad input."""
+import importlib.util
 import json
 import math
 import random
@@ -352,6 +353,8 @@ def test_cli_end_to_end_json_and_defaults(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "SYNTHETIC" not in printed and "speech k=2: accuracy" in printed
     saved = json.loads(out.read_text())
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert out.with_suffix(".png").is_file() == has_matplotlib  # accuracy vs k, when matplotlib is installed
     assert set(saved["accuracy"]) == {"speech k=0", "speech k=2", "text k=0", "text k=2"}
     assert len(saved["labels"]) == 31 and "bring juice none" in saved["labels"]  # FSC's intents, all ranked
     run = saved["results"][1]
