@@ -153,6 +153,14 @@ def test_continuation_target_is_the_lms_greedy_continuation(world, tmp_path):
     assert alone.tolist() == e.target_ids
 
 
+def test_loss_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")  # optional at runtime: without it train.py skips the plot
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)] + [{"step": 5, "eval_kl": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    train_module.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_user_errors_exit_2(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv(world, tmp_path, "--resume"))
