@@ -133,9 +133,10 @@ def test_run_with_cached_and_naive_scorer_gives_identical_predictions(speech_wor
     assert fast["demos"] == slow["demos"]
 
 
-def test_calibration_changes_scores_consistently(speech_world):
-    for scoring in ("rank", "generate"):
-        config = RunConfig(k=2, mode="speech", select="fixed", calibrate=True, scoring=scoring, batch_size=3)
+def test_calibration_and_length_norm_with_both_scorers(speech_world):
+    for scoring, length_norm in (("rank", False), ("rank", True), ("generate", False)):
+        config = RunConfig(k=2, mode="speech", select="fixed", calibrate=True, scoring=scoring,
+                           length_norm=length_norm, batch_size=3)
         fast = speech_world.run(config, seed=0, scorer=rank_scores)
         slow = speech_world.run(config, seed=0, scorer=rank_scores_naive)
         assert fast["predictions"] == slow["predictions"]
@@ -254,6 +255,7 @@ def test_label_text_and_template():
     assert label_text("fsc", ("activate", "lights", "kitchen")) == "activate lights kitchen"
     assert label_text("fsc", "change language_none_none") == "change language none none"
     assert label_text("slurp", ("iot", "hue_lightoff")) == "iot hue lightoff"
+    assert fewshot.normalize("  Activate the lights, kitchen!\n") == "activate the lights kitchen"
     t = Template.parse("{input} => {label}\n")
     assert (t.before, t.between, t.label_lead, t.after) == ("", " =>", " ", "\n")
     assert t.candidate("bring juice none") == " bring juice none\n"
