@@ -470,16 +470,16 @@ class FewShot:
             return self.banks[split.name].features(indices)
         return text_features(self.lm, self.tokenizer, [split.texts[i] for i in indices])
 
-    def content_free(self, mode: str) -> list:
+    def content_free(self, mode: str) -> list[list[int] | Tensor]:
         """Inputs with no content for calibration: empty text and "N/A" (Zhao et al. 2021); in speech
         mode, empty and a clip of silence, so that the bias is measured in the query's modality."""
         if mode == "text":
             return [[], self.tokenizer.encode("N/A")]
-        silence = torch.zeros(1, int(SILENCE_SECONDS * 16_000), device=self.lm.wte.weight.device)
+        silence = torch.zeros(1, int(SILENCE_SECONDS * data.SAMPLE_RATE), device=self.lm.wte.weight.device)
         feats, frames = self.seal.encode(silence, torch.tensor([silence.shape[1]], device=silence.device))
         return [[], self.seal.speech_embeds(feats, frames)[0]]
 
-    def _input(self, split: Split, i: int, mode: str, is_query: bool) -> list:
+    def _input(self, split: Split, i: int, mode: str, is_query: bool) -> list[int] | Tensor:
         """The segment that fills the input slot of utterance i (token ids or soft tokens)."""
         if mode == "text":
             return self.tokenizer.encode(split.texts[i])
@@ -487,7 +487,7 @@ class FewShot:
             return []
         return self.banks[split.name].soft_tokens([i])[0]
 
-    def segments(self, demos: Sequence[int], query_input, mode: str) -> list:
+    def segments(self, demos: Sequence[int], query_input: list[int] | Tensor, mode: str) -> list[list[int] | Tensor]:
         """[before][input_1][between][candidate(label_1)] ... [before][query input][between]."""
         segs: list = []
         for j in demos:
@@ -497,7 +497,7 @@ class FewShot:
         segs += [self.before_ids, query_input, self.between_ids]
         return [s for s in segs if len(s)]
 
-    def _fit(self, demos: list[int], inputs: list, mode: str, query: int, n_new: int,
+    def _fit(self, demos: list[int], inputs: list[list[int] | Tensor], mode: str, query: int, n_new: int,
              truncate: bool) -> tuple[list[list], int]:
         """Segments of the prompt for each of `inputs` (the query, then any content-free inputs),
         with the same demonstrations, leaving room for n_new positions in the LM's context.
