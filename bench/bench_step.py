@@ -10,9 +10,9 @@ backward -> optimizer step.
   logits only where o is predicted);
 - reference: transformers' HubertModel and GPT2LMHeadModel (full logits) with F.kl_div.
 
-Modes: `encoder` runs the encoder every step; `cached` starts from precomputed encoder features
-(both sides); ours is also measured with `cached+teacher`, its default in train.py, where the
-teacher's hidden states are cached too.
+Modes: `encoder` runs the encoder every step (train.py --cache none); `cached` starts from
+precomputed encoder features (both sides). Ours is also measured with `+teacher`, train.py's
+default, where the teacher's hidden states at the o positions are cached too (--cache-teacher).
 
 Every measurement runs in a fresh subprocess: peak memory is the peak RSS during the first step
 minus the RSS just before it (high-water mark reset via Linux /proc/self/clear_refs; models,
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_kl import peak_since_mib, start_peak_window  # noqa: E402  (same folder: the memory probe)
 
 SAMPLE_RATE = 16_000
-VARIANTS = [("ours", "encoder"), ("reference", "encoder"), ("ours", "cached"), ("reference", "cached"),
-            ("ours", "cached+teacher")]
+VARIANTS = [("ours", "encoder"), ("reference", "encoder"), ("ours", "encoder+teacher"),
+            ("ours", "cached"), ("reference", "cached"), ("ours", "cached+teacher")]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
         seal.sep_ids = sep.tolist()
         texts = text.tolist()
         feats, lengths = seal.encode(wav) if cached else (None, None)
-        teacher = seal.teacher_hidden(texts) if args.mode == "cached+teacher" else None
+        teacher = seal.teacher_hidden(texts) if args.mode.endswith("+teacher") else None
 
         def loss_fn() -> torch.Tensor:
             f, n = (feats, lengths) if cached else seal.encode(wav)
@@ -117,30 +117,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
     p.add_argument("--iters", type=int, default=2, help="timed steps per worker after the first")
+    p.add_argument("--modes", default="encoder,encoder+teacher,cached,cached+teacher",
+                   help="comma-separated subset of the modes")
     p.add_argument("--impl", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["encoder", "cached", "cached+teacher"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["encoder", "encoder+teacher", "cached", "cached+teacher"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.impl:
         return worker(args)
 
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    results: dict[tuple[str, str], list[dict]] = {v: [] for v in VARIANTS}
+    variants = [(impl, mode) for impl, mode in VARIANTS if mode in args.modes.split(",")]
+    results: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        for impl, mode in VARIANTS:
+        for impl, mode in variants:
             out = subprocess.run([sys.executable, __file__, *passthrough, "--impl", impl, "--mode", mode],
                                  check=True, capture_output=True, text=True).stdout
             results[(impl, mode)].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r} {impl} {mode}: {results[(impl, mode)][-1]}", file=sys.stderr)
-    med = {v: {k: statistics.median(x[k] for x in results[v]) for k in ("peak_mib", "time_s")} for v in VARIANTS}
+    med = {v: {k: statistics.median(x[k] for x in results[v]) for k in ("peak_mib", "time_s")} for v in variants}
     print(f"batch {args.batch} x {args.seconds:g} s, o = {args.text_tokens} tokens, threads={args.threads}, "
           f"median of {args.rounds} rounds")
-    for impl, mode in VARIANTS:
+    for impl, mode in variants:
         m = med[(impl, mode)]
         print(f"{impl:9s} {mode:15s} {m['time_s']:7.2f} s/step  peak +{m['peak_mib']:6.0f} MiB")
-    for ours_mode, ref_mode in (("encoder", "encoder"), ("cached", "cached"), ("cached+teacher", "cached")):
+    for ours_mode, ref_mode in (("encoder", "encoder"), ("encoder+teacher", "encoder"), ("cached", "cached"),
+                                ("cached+teacher", "cached")):
+        if ("ours", ours_mode) not in med or ("reference", ref_mode) not in med:
+            continue
         o, r = med[("ours", ours_mode)], med[("reference", ref_mode)]
-        print(f"ours {ours_mode} vs reference {ref_mode}: time {o['time_s'] / r['time_s']:.2f}x, "
-              f"peak memory {o['peak_mib'] / r['peak_mib']:.2f}x")
+        # Ratios within each round (the two ran back to back) are less exposed to load drift.
+        per_round = [a["time_s"] / b["time_s"] for a, b in zip(results[("ours", ours_mode)], results[("reference", ref_mode)])]
+        print(f"ours {ours_mode} vs reference {ref_mode}: time {o['time_s'] / r['time_s']:.2f}x "
+              f"(per round: {', '.join(f'{x:.2f}' for x in per_round)}), peak memory {o['peak_mib'] / r['peak_mib']:.2f}x")
 
 
 if __name__ == "__main__":
