@@ -895,6 +895,14 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header's `__metadata__` (string pairs) alone, without reading any tensor data."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header, _ = _read_safetensors_header(f, path, os.fstat(f.fileno()).st_size)
+    return header.get("__metadata__") or {}
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """Writes tensors to a .safetensors file (atomically: a crash never leaves a half-written file)."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decoder import save_safetensors, load_safetensors
+from decoder import load_safetensors, read_safetensors_metadata, save_safetensors
 from projector import Projector, ProjectorConfig, ce_loss, fused_kl_loss
 
 # A text segment is a sequence of token ids (list or 1-D long tensor); a speech segment is a
@@ -286,13 +286,6 @@ class Seal(nn.Module):
         projector.load_state_dict(state)
         return cls(HuBERT.from_pretrained(config.encoder), projector, GPT.from_pretrained(config.lm),
                    load_tokenizer(config.lm), config)
-
-
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The `__metadata__` dict of a safetensors file's JSON header (u64 length, then the header)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)).get("__metadata__", {})
 
 
 def read_projector(path: str | Path) -> tuple[SealConfig, dict[str, torch.Tensor]]:
