@@ -15,14 +15,17 @@ Sections, top to bottom:
    ctypes. Voices (accent x variant x rate x pitch x gain x noise) play the role of speakers.
 4. Command grammars in our own words: FSC-style (the 31 real (action, object, location)
    intents) and SLURP-style (scenario_action intents with slots). One grammar feeds both the
-   speech corpus and the text corpus of the micro world, via `iter_commands`.
+   speech corpus and the text corpus of the micro world (section 8).
 5. A generator that writes synthetic FSC and SLURP sets in the exact real on-disk layouts, so
    the real loaders read them and nothing special-cases synthetic data.
 6. Datasets: FluentSpeechCommands, Slurp, LibriSpeech, Manifest. Every item is a dict
    {wav, text, label, speaker, path}.
 7. Batching: a length-bucketed batch sampler (seeded, epoch-dependent, shardable across ranks)
    and `collate`, which pads and returns lengths.
-8. The command line: `python data.py synth --out DIR`.
+8. The micro world's text corpus (`LMCorpus`): the documents its tiny LM learns in-context
+   learning from, cut into the same segments as the prompts of seal.py and fewshot.py.
+9. MFCC features in torch, the targets of HuBERT-style pre-training in the micro world.
+10. The command line: `python data.py synth --out DIR`.
 """
 
 from __future__ import annotations
@@ -1384,7 +1387,162 @@ def collate(items: Sequence[dict | None]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Command line
+# 8. The micro world's text corpus
+# ----------------------------------------------------------------------------------------------
+#
+# The micro world's tiny LM (train.py) must *learn in context from text* before Seal can transfer
+# that skill to speech. It never sees audio: it reads documents made of the grammar's commands,
+# always cut into the same text segments that seal.py and fewshot.py put in their prompts
+# ("{input} => {label}\n" lines, and "[t] = [t]" for the KL copy target), so that the token
+# sequences it learns on are exactly the ones it is later asked about. Four kinds of documents:
+#
+# - episodes: "utterance => label" lines over N intents with k lines each, then one more line.
+#   Most (45% of all documents) use arbitrary words drawn per episode ("walnut"): then copying the
+#   label of a matching demonstration is the only way to be right, which is what grows induction
+#   heads; the others use natural labels ("activate lights kitchen"). Phrasings vary within an
+#   episode, so "matching" means "same intent", not only "same string" (speech never repeats a
+#   string exactly either);
+# - labelled lines: random commands with their natural labels (fewshot.py's 31-way prompts);
+# - copies: "t = t", a transcript repeated after the separator the Seal KL objective uses, and
+#   random word sequences repeated the same way (copying anything, not just commands);
+# - plain commands, one per line.
+
+# Label words with no link to the task, for episodes where only in-context copying can be right.
+ARBITRARY_LABELS = tuple(
+    "apple river stone cloud tiger violet copper maple falcon ocean pepper silver rabbit candle forest "
+    "marble winter garden pencil rocket lemon orange thunder meadow bottle planet shadow crystal dragon "
+    "banana castle mirror velvet anchor butter cotton desert island jungle kettle ladder magnet needle "
+    "oyster parrot quartz saddle turtle umbrella walnut yellow zebra bamboo cherry donkey engine feather "
+    "hammer iceberg jacket kitten lizard monkey nickel olive panda radish salmon tomato valley wizard "
+    "yogurt puzzle circle square purple green blue north south east west".split())
+
+EPISODE_SHARE = 0.62       # documents that are few-shot episodes (natural or arbitrary labels)
+FEWSHOT_SEPARATOR = " =>"   # "{input} => {label}\n", fewshot.py's default template
+COPY_SEPARATOR = " ="       # "[t] = [t]": the separator of the Seal KL objective in the micro world
+
+
+def transcription(text: str) -> str:
+    """A command as the FSC CSV spells it (first letter upper case)."""
+    return text[0].upper() + text[1:]
+
+
+def labelled_lines(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """[(utterance, label)] -> text segments: utterance, " =>", " label\\n" per line."""
+    return [s for text, label in pairs for s in (transcription(text), FEWSHOT_SEPARATOR, f" {label}\n")]
+
+
+class LMCorpus:
+    """An endless, reproducible stream of documents for the tiny LM (see above).
+
+    arbitrary: the share of documents that are arbitrary-label episodes (at most EPISODE_SHARE)."""
+
+    def __init__(self, grammar: Grammar, seed: int = 0, arbitrary: float = 0.45):
+        if not 0 <= arbitrary <= EPISODE_SHARE:
+            raise ValueError(f"LMCorpus: arbitrary share must be in [0, {EPISODE_SHARE}], got {arbitrary}")
+        self.grammar, self.rng, self.arbitrary = grammar, random.Random(seed), arbitrary
+        self.words = sorted({w for it in grammar.intents for t in it.templates for w in t.split()}
+                            | set(ARBITRARY_LABELS))
+
+    def document(self) -> list[str]:
+        """One document, as the list of text segments that prompts are built from."""
+        rng, intents = self.rng, self.grammar.intents
+        kind = rng.random()
+        if kind < EPISODE_SHARE:                      # N-way k-shot episode
+            chosen = rng.sample(intents, rng.randint(2, 6))
+            arbitrary = kind < self.arbitrary         # only in-context copying can be right
+            labels = rng.sample(ARBITRARY_LABELS, len(chosen)) if arbitrary else [it.label for it in chosen]
+            # a few phrasings per intent, so that some lines repeat exactly: induction heads form on
+            # exact repeats first, then generalize to paraphrases
+            phrasings = [rng.sample(it.templates, min(len(it.templates), rng.randint(1, 3))) for it in chosen]
+            shots = rng.randint(1, 5)
+            pairs = [(rng.choice(p), y) for p, y in zip(phrasings, labels) for _ in range(shots)]
+            rng.shuffle(pairs)
+            q = rng.randrange(len(chosen))
+            query = rng.choice(phrasings[q] if rng.random() < 0.5 else chosen[q].templates)
+            return labelled_lines(pairs + [(query, labels[q])])
+        if kind < 0.67:                               # labelled lines, natural labels
+            lines = [rng.choice(intents) for _ in range(rng.randint(1, 8))]
+            return labelled_lines([(rng.choice(it.templates), it.label) for it in lines])
+        if kind < 0.87:                               # copy a transcript
+            t = transcription(rng.choice(rng.choice(intents).templates))
+            return [t, COPY_SEPARATOR, f" {t}\n"]
+        if kind < 0.95:                               # copy random words
+            words = " ".join(rng.sample(self.words, rng.randint(2, 9)))
+            return [words, COPY_SEPARATOR, f" {words}\n"]
+        return [transcription(rng.choice(rng.choice(intents).templates)) + "\n"  # plain commands
+                for _ in range(rng.randint(1, 4))]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. MFCC features (the targets of HuBERT's first pre-training iteration)
+# ----------------------------------------------------------------------------------------------
+#
+# HuBERT learns by predicting, at masked frames, the k-means cluster of each frame. In its first
+# iteration the clustered features are MFCCs: a compact description of the spectral envelope
+# (which formants, hence which phone) that throws away pitch. The recipe, per frame:
+#   pre-emphasis x[n] - 0.97 x[n-1] (lifts high frequencies) -> 25 ms Hamming window ->
+#   |FFT|^2 -> 40 triangular filters equally spaced on the mel scale (2595 log10(1 + f / 700)) ->
+#   log -> DCT-II (orthonormal), keep 13 coefficients -> append deltas and delta-deltas (39 dims).
+# Frames advance by 20 ms (320 samples), the hop of the HuBERT encoder, so frame t of the MFCC
+# and frame t of the model start at the same sample and the cluster ids line up with its frames.
+
+MFCC_WINDOW = 400    # samples: 25 ms at 16 kHz
+MFCC_HOP = 320       # samples: 20 ms, one MFCC frame per HuBERT frame
+MFCC_N_FFT = 512     # the next power of two above the window
+MFCC_N_MELS = 40
+MFCC_N_CEPS = 13
+MFCC_DIM = 3 * MFCC_N_CEPS  # 39: coefficients, deltas, delta-deltas
+PRE_EMPHASIS = 0.97
+MEL_FMIN, MEL_FMAX = 20.0, SAMPLE_RATE / 2
+DELTA_WIDTH = 2      # deltas regress over +-2 frames
+
+
+def mel_filterbank(n_mels: int = MFCC_N_MELS, n_fft: int = MFCC_N_FFT, sr: int = SAMPLE_RATE,
+                   fmin: float = MEL_FMIN, fmax: float = MEL_FMAX) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular filters, equally spaced on the (HTK) mel scale."""
+    def mel(f):
+        return 2595.0 * math.log10(1.0 + f / 700.0)
+    edges = 700.0 * (10 ** (torch.linspace(mel(fmin), mel(fmax), n_mels + 2, dtype=torch.float64) / 2595.0) - 1)
+    freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sr / n_fft
+    low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising, falling = (freqs - low) / (centre - low), (high - freqs) / (high - centre)
+    return torch.minimum(rising, falling).clamp(min=0).float()
+
+
+def dct_matrix(n_in: int = MFCC_N_MELS, n_out: int = MFCC_N_CEPS) -> torch.Tensor:
+    """(n_out, n_in) orthonormal DCT-II: c_k = s_k sum_n x_n cos(pi k (2n + 1) / (2 n_in))."""
+    n = torch.arange(n_in, dtype=torch.float64)
+    k = torch.arange(n_out, dtype=torch.float64)[:, None]
+    m = torch.cos(math.pi * k * (2 * n + 1) / (2 * n_in)) * math.sqrt(2.0 / n_in)
+    m[0] /= math.sqrt(2.0)
+    return m.float()
+
+
+def deltas(c: torch.Tensor, width: int = DELTA_WIDTH) -> torch.Tensor:
+    """(T, D) -> (T, D) regression slope over +-width frames, edges repeated:
+    d_t = sum_i i (c_{t+i} - c_{t-i}) / (2 sum_i i^2)."""
+    T = c.shape[0]
+    p = torch.cat([c[:1].expand(width, -1), c, c[-1:].expand(width, -1)])
+    num = sum(i * (p[width + i: width + i + T] - p[width - i: width - i + T]) for i in range(1, width + 1))
+    return num / (2 * sum(i * i for i in range(1, width + 1)))
+
+
+def mfcc(wav: torch.Tensor) -> torch.Tensor:
+    """(S,) waveform at 16 kHz -> (T, 39) MFCC + deltas + delta-deltas, T = (S - 400) // 320 + 1."""
+    if wav.dim() != 1 or wav.shape[0] < MFCC_WINDOW:
+        raise ValueError(f"mfcc: expected a 1-D waveform of >= {MFCC_WINDOW} samples, got shape {tuple(wav.shape)}")
+    wav = wav.float()
+    x = torch.cat([wav[:1], wav[1:] - PRE_EMPHASIS * wav[:-1]])
+    frames = x.unfold(0, MFCC_WINDOW, MFCC_HOP) * torch.hamming_window(MFCC_WINDOW, periodic=False)  # (T, 400)
+    power = torch.fft.rfft(frames, n=MFCC_N_FFT).abs().square()  # (T, 257)
+    log_mel = torch.log(power @ mel_filterbank().T + 1e-6)  # (T, 40); the floor keeps silence finite
+    c = log_mel @ dct_matrix().T  # (T, 13)
+    d = deltas(c)
+    return torch.cat([c, d, deltas(d)], dim=1)  # (T, 39)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Command line
 # ----------------------------------------------------------------------------------------------
 
 

@@ -40,6 +40,9 @@ Padded frames of the output are set to zero, and `frame_lengths` says how many f
 Weights load from the Hugging Face checkpoints (facebook/hubert-base-ls960, facebook/hubert-large-ll60k,
 fine-tuned CTC checkpoints) through `HuBERT.from_pretrained`, which names anything it skips or misses.
 
+The end of the file holds HuBERT's own pre-training pieces (k-means "hidden units", span masking, the
+masked-prediction loss), with which the micro world (train.py) pre-trains a tiny HuBERT from scratch.
+
     python encoder.py --encoder hubert-base --wav speech.wav
 """
 from __future__ import annotations
@@ -577,6 +580,70 @@ def normalize_waveform(wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor
     mean = (wav * valid).sum(1, keepdim=True) / count
     var = ((wav - mean).square() * valid).sum(1, keepdim=True) / count
     return (wav - mean) * torch.rsqrt(var + NORMALIZE_EPS) * valid
+
+
+# -----------------------------------------------------------------------------
+# Pre-training the HuBERT way (used by the micro world in train.py)
+#
+# HuBERT (Hsu et al. 2021) learns without transcripts. Each frame gets a discrete "hidden unit":
+# the id of its k-means cluster, computed from MFCCs in the first iteration (data.mfcc). Spans of
+# the projected features are replaced by `masked_spec_embed`, and the model must predict the
+# units *at the masked frames* from the context around them, a masked language model over
+# acoustic units. To do so it has to learn what sounds follow what, i.e. the phones and words of
+# the language: exactly the content a projector needs. (Later iterations re-cluster the model's own
+# features; one iteration is enough for the micro world.) The real model scores units by cosine
+# similarity to learned unit embeddings; a linear layer over the units is the same idea, simpler.
+
+MASK_PROB = 0.08   # probability that a frame starts a masked span (fairseq's mask_prob 0.80 / mask_length 10)
+MASK_SPAN = 10     # frames per span (200 ms); spans overlap, so about half the frames end up masked
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Centroids (k, D) of points x (N, D): k-means++ seeding, then Lloyd iterations.
+
+    k-means++ picks each new seed with probability proportional to its squared distance to the
+    nearest seed so far, which spreads the seeds over the data; Lloyd then alternates assigning
+    every point to its nearest centroid and moving each centroid to the mean of its points.
+    """
+    if len(x) < k:
+        raise ValueError(f"kmeans: {len(x)} points, fewer than k={k} clusters")
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=g)]  # (1, D)
+    nearest = torch.cdist(x, centroids).squeeze(1).square()  # (N,) squared distance to the nearest seed
+    for _ in range(k - 1):
+        new = x[torch.multinomial(nearest / nearest.sum(), 1, generator=g)]  # (1, D)
+        centroids = torch.cat([centroids, new])
+        nearest = torch.minimum(nearest, torch.cdist(x, new).squeeze(1).square())
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)  # (N,)
+        counts = torch.bincount(assign, minlength=k)[:, None]  # (k, 1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # an empty cluster stays put
+    return centroids
+
+
+def span_mask(frame_lengths: torch.Tensor, T: int, generator: torch.Generator | None = None,
+              prob: float = MASK_PROB, span: int = MASK_SPAN) -> torch.Tensor:
+    """(B, T) bool: random spans of `span` frames, each real frame starting one with probability
+    `prob`; padding (frames past frame_lengths) is never masked."""
+    B = len(frame_lengths)
+    real = torch.arange(T)[None, :] < frame_lengths[:, None].cpu()  # (B, T)
+    starts = (torch.rand(B, T, generator=generator) < prob) & real
+    # frame t is masked if a span started at any of t - span + 1 .. t: a running max over the window
+    padded = F.pad(starts.float(), (span - 1, 0))[:, None]  # (B, 1, T + span - 1)
+    return F.max_pool1d(padded, span, stride=1)[:, 0].bool() & real
+
+
+def masked_prediction_loss(model: HuBERT, head: nn.Linear, wav: torch.Tensor, lengths: torch.Tensor,
+                           units: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HuBERT's loss: cross-entropy of the unit ids at the masked frames.
+
+    wav (B, S), lengths (B,), units (B, T) cluster ids (-100 where there is no frame), mask (B, T).
+    Returns (loss, accuracy at the masked frames)."""
+    hidden, _ = model(wav, lengths, mask_time_indices=mask)  # (B, T, C)
+    logits = head(hidden[mask])  # (M, n_units): only the masked frames are scored
+    target = units[mask]  # (M,)
+    return F.cross_entropy(logits, target, ignore_index=-100), (logits.argmax(-1) == target).float().mean()
 
 
 # -----------------------------------------------------------------------------

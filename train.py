@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -46,10 +47,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from decoder import GPT, load_tokenizer
-from encoder import HuBERT
+from decoder import GPT, GPTConfig, SentencePieceTokenizer, load_tokenizer
+from encoder import HuBERT, HuBERTConfig, kmeans, masked_prediction_loss, span_mask
 from projector import Projector, ProjectorConfig, fused_kl_loss
-from seal import Seal, SealConfig
+from seal import Seal, SealConfig, build_prompt, read_projector
 
 CKPT_NAME = "ckpt.pt"  # full training state, for --resume
 PROJECTOR_NAME = "projector.safetensors"  # the deliverable: projector weights + Seal config
@@ -599,13 +600,348 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
+# The micro world: `python train.py` with no --encoder/--lm/--data
+#
+# Nobody can download GPT-2 or HuBERT here, and a newcomer without a GPU should still see Seal work.
+# So the micro world builds every ingredient itself, small enough for a laptop CPU, and caches each
+# under $SEAL_CACHE (default ~/.cache/seal) named like a real model, so the rest of the code loads it
+# with the same from_pretrained calls:
+#
+#   1. micro-world/synthetic-fsc  an FSC-style speech corpus (espeak-ng voices; test voices unseen)
+#   2. tiny-lm                    a GPT pre-trained on the commands' text to *learn in context*
+#                                 (data.LMCorpus: episodes, natural and arbitrary labels, copies)
+#   3. tiny-hubert                a HuBERT pre-trained the HuBERT way: masked prediction of k-means
+#                                 units of MFCC frames (data.mfcc, encoder.kmeans, encoder.span_mask)
+#   4. micro-world/seal-fsc       the projector trained with the KL objective (Seal) ...
+#      micro-world/psrt-fsc       ... and with cross-entropy on the transcript (PSRT), by train()
+#   5. micro-world/table.json     few-shot accuracy, N-way k-shot, text oracle / Seal / PSRT /
+#                                 untrained projector, natural and arbitrary label words
+#
+# A stage whose artifact exists is skipped, so a rerun resumes where the last one stopped.
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    # 1. speech corpus: utterances per split, and voices per split (disjoint accents/variants)
+    n_train: int = 1600
+    n_valid: int = 100
+    n_test: int = 400
+    train_voices: int = 10
+    valid_voices: int = 2
+    test_voices: int = 4
+    # 2. tiny LM
+    lm_layers: int = 3
+    lm_heads: int = 4
+    lm_width: int = 128
+    lm_context: int = 512  # positions; a 4-way 5-shot speech prompt takes ~300
+    lm_vocab: int = 700  # BPE size: about one token per word of the grammar
+    lm_steps: int = 2000
+    lm_batch: int = 5
+    lm_seq: int = 512  # tokens per training row (documents are packed): every position gets trained
+    lm_lr: float = 3e-3
+    lm_arbitrary: float = 0.45  # share of arbitrary-label episodes in the LM's corpus (data.LMCorpus)
+    # 3. tiny HuBERT
+    hubert_layers: int = 3
+    hubert_width: int = 128
+    hubert_conv: tuple[int, ...] = (32, 64, 128, 128, 128)
+    hubert_units: int = 64  # k-means clusters of MFCC frames
+    hubert_steps: int = 400
+    hubert_batch: int = 16
+    hubert_lr: float = 1e-3
+    # 4. projector
+    rate: int = 8  # 8 frames of 20 ms per soft token: about one per word
+    projector_hidden: int = 256
+    seal_steps: int = 1000
+    seal_batch: int = 16
+    seal_lr: float = 1e-3
+    encoder_layer: int = -1
+    # 5. few-shot table
+    n_way: int = 4
+    shots: tuple[int, ...] = (0, 1, 3, 5)
+    table_seeds: int = 3
+    table_queries: int = 100  # test queries per (row, k, labels, seed)
+
+    @classmethod
+    def quick(cls) -> "WorldConfig":
+        """A scaled-down world that runs in seconds (the test suite): same stages, toy sizes."""
+        return cls(n_train=48, n_valid=8, n_test=48, train_voices=3, valid_voices=1, test_voices=2,
+                   lm_layers=2, lm_width=64, lm_context=256, lm_steps=300, lm_batch=8, lm_seq=96,
+                   lm_arbitrary=0.0,  # natural labels only: the trivial task the test checks
+                   hubert_layers=1, hubert_width=32, hubert_conv=(16, 16, 32, 32, 32), hubert_units=8,
+                   hubert_steps=5, hubert_batch=4, projector_hidden=32, seal_steps=5, seal_batch=8,
+                   n_way=2, shots=(0, 1), table_seeds=1, table_queries=40)
+
+    @property
+    def cache(self) -> Path:
+        """$SEAL_CACHE (default ~/.cache/seal): where from_pretrained("tiny-lm") looks."""
+        return data.default_cache_dir()
+
+
+def world_corpus(cfg: WorldConfig) -> Path:
+    """Stage 1: the synthetic FSC-style set (data.write_fsc), written once."""
+    out = cfg.cache / "micro-world" / "synthetic-fsc"
+    if (out / data.FSC_DIR / "data" / "test_data.csv").is_file():
+        return out
+    voices = data.split_voices(cfg.train_voices, cfg.valid_voices, cfg.test_voices, seed=cfg.seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.write_fsc(tmp, {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}, voices, seed=cfg.seed,
+                   cache_dir=cfg.cache / "speech", progress=True)
+    os.replace(tmp, out)  # complete or absent: a rerun never sees half a corpus
+    return out
+
+
+def train_tokenizer(corpus, out: Path, vocab_size: int, n_docs: int = 20_000) -> None:
+    """A sentencepiece BPE over the corpus's lines; "\\n" is a token of its own (it ends every demo)."""
+    import sentencepiece as spm
+
+    lines = [line for _ in range(n_docs) for line in "".join(corpus.document()).split("\n") if line]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out), vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, bos_id=-1, eos_id=0, unk_id=1, pad_id=-1,  # id 0 </s> ends documents
+        user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2)
+
+
+def world_lm(cfg: WorldConfig) -> Path:
+    """Stage 2: tokenizer + tiny GPT, pre-trained with next-token loss on every token of the corpus.
+
+    The loss covers every token, not just the labels: predicting the second half of a copy and the
+    repeated labels of an episode is what makes induction heads appear (a sudden drop of the loss
+    after some hundreds of steps); label-only loss only teaches "some label from the context"."""
+    out = cfg.cache / "tiny-lm"
+    if (out / "model.safetensors").is_file():
+        return out
+    torch.manual_seed(cfg.seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    grammar = data.fsc_grammar()
+    train_tokenizer(data.LMCorpus(grammar, seed=cfg.seed + 1), tmp / "tokenizer", cfg.lm_vocab)
+    (tmp / "tokenizer.vocab").unlink()
+    tok = SentencePieceTokenizer(tmp / "tokenizer.model")
+    model = GPT(GPTConfig(block_size=cfg.lm_context, vocab_size=tok.vocab_size, n_layer=cfg.lm_layers,
+                          n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    corpus = data.LMCorpus(grammar, seed=cfg.seed, arbitrary=cfg.lm_arbitrary)
+    buffer: list[int] = []
+    bar = tqdm(range(cfg.lm_steps), desc="tiny-lm", unit="step")
+    for step in bar:
+        rows = []
+        for _ in range(cfg.lm_batch):  # documents packed back to back, </s> between them
+            while len(buffer) < cfg.lm_seq + 1:
+                buffer += [i for seg in corpus.document() for i in tok.encode(seg)] + [tok.eot_id]
+            rows.append(buffer[: cfg.lm_seq + 1])
+            buffer = buffer[cfg.lm_seq + 1:]
+        x = torch.tensor(rows)  # (B, T + 1)
+        lr = cfg.lm_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.lm_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logits = model(x[:, :-1])  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.save_pretrained(tmp, extra_files={"tokenizer.model": (tmp / "tokenizer.model").read_bytes()})
+    os.replace(tmp, out)
+    return out
+
+
+def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
+    """Stage 3: tiny HuBERT, one iteration of masked prediction of k-means units of MFCC frames."""
+    out = cfg.cache / "tiny-hubert"
+    if (out / "model.safetensors").is_file():
+        return out
+    torch.manual_seed(cfg.seed)
+    train_set = data.FluentSpeechCommands(corpus, "train")
+    wavs = [train_set[i]["wav"] for i in tqdm(range(len(train_set)), desc="tiny-hubert: loading audio")]
+    feats = [data.mfcc(w) for w in tqdm(wavs, desc="tiny-hubert: MFCC")]
+    frames = torch.cat(feats)  # (N, 39)
+    mean, std = frames.mean(0), frames.std(0)  # standardize, so no coefficient dominates the distances
+    sample = frames[torch.randperm(len(frames))[:20_000]]
+    centroids = kmeans((sample - mean) / std, cfg.hubert_units, seed=cfg.seed)
+    units = [torch.cdist((f - mean) / std, centroids).argmin(1) for f in feats]  # (T_i,) per utterance
+
+    config = HuBERTConfig(conv_dim=cfg.hubert_conv, conv_kernel=(10, 4, 4, 4, 2), conv_stride=(5, 4, 4, 2, 2),
+                          pos_conv_kernel=16, pos_conv_groups=4, n_embd=cfg.hubert_width, n_layer=cfg.hubert_layers,
+                          n_head=4, n_inner=2 * cfg.hubert_width)
+    model = HuBERT(config, masked_pretraining=True)
+    head = torch.nn.Linear(config.n_embd, cfg.hubert_units)
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.hubert_lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.hubert_steps), desc="tiny-hubert", unit="step")
+    for step in bar:
+        idx = torch.randint(len(wavs), (cfg.hubert_batch,), generator=g).tolist()
+        wav, lengths = pad_batch([wavs[i] for i in idx])
+        frame_lengths = model.frame_lengths(lengths)
+        T = int(frame_lengths.max())
+        # the MFCC frames (25 ms windows) and the model's frames share their 20 ms hop and start; their
+        # counts can differ by a frame at the end, where the target is then "ignore" (-100)
+        target = torch.full((len(idx), T), -100)
+        for b, i in enumerate(idx):
+            n = min(T, len(units[i]), int(frame_lengths[b]))
+            target[b, :n] = units[i][:n]
+        mask = span_mask(frame_lengths, T, generator=g) & (target >= 0)
+        lr = cfg.hubert_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.hubert_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, acc = masked_prediction_loss(model, head, wav, lengths, target, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", unit_acc=f"{acc.item():.2f}")
+    encoder = HuBERT(config)  # the released encoder has no pre-training parts (mask vector, unit head)
+    encoder.load_state_dict({k: v for k, v in model.state_dict().items() if k != "masked_spec_embed"})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def world_projector(cfg: WorldConfig, corpus: Path, loss: str) -> Path:
+    """Stage 4: train() itself, on the synthetic train split, with the world's models and separator."""
+    out = cfg.cache / "micro-world" / f"{'seal' if loss == 'kl' else 'psrt'}-fsc"
+    ckpt = out / CKPT_NAME
+    if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= cfg.seal_steps:
+        return out
+    train(TrainConfig(
+        encoder="tiny-hubert", lm="tiny-lm", data=f"synthetic:{corpus}", loss=loss, separator=data.COPY_SEPARATOR,
+        rate=cfg.rate, projector_hidden=cfg.projector_hidden, encoder_layer=cfg.encoder_layer,
+        batch_size=cfg.seal_batch, max_steps=cfg.seal_steps, lr=cfg.seal_lr, warmup_steps=min(30, cfg.seal_steps),
+        eval_every=max(1, cfg.seal_steps // 3), save_every=cfg.seal_steps, out_dir=str(out), seed=cfg.seed,
+        resume=ckpt.is_file()))
+    return out
+
+
+@torch.no_grad()
+def world_table(cfg: WorldConfig, corpus: Path) -> dict:
+    """Stage 5: N-way k-shot intent accuracy on the test split (voices never heard in training).
+
+    An episode draws N of the 31 intents and, from the train split, k demonstrations of each (N * k
+    lines, shuffled); the query is a test utterance of one of the N, and the answer is the best of
+    the N labels by log-likelihood (fewshot.rank_scores; chance = 1/N). Labels are either natural
+    ("activate lights kitchen") or arbitrary words drawn per episode ("walnut"): then 0-shot is chance
+    by construction and everything above it is learned in context. Rows: the text oracle (the true
+    transcripts in place of speech), Seal (KL), PSRT (CE) and an untrained projector (the floor).
+    """
+    from fewshot import Template, rank_scores  # the evaluation file, read after this one
+
+    lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
+    hubert = HuBERT.from_pretrained("tiny-hubert")
+    template = Template.parse("{input}" + data.FEWSHOT_SEPARATOR + " {label}\n")
+    between = tok.encode(template.between)
+    splits = {name: data.FluentSpeechCommands(corpus, name) for name in ("train", "test")}
+    texts = {name: [tok.encode(r["text"]) for r in s.rows] for name, s in splits.items()}
+    labels = {name: [r["label"] for r in s.rows] for name, s in splits.items()}
+
+    # Soft tokens of every utterance for each projector: the encoder runs once per utterance.
+    seals = {}
+    for row, folder in (("Seal (KL)", "seal-fsc"), ("PSRT (CE)", "psrt-fsc")):
+        config, state = read_projector(cfg.cache / "micro-world" / folder / PROJECTOR_NAME)
+        projector = Projector(config.projector)
+        projector.load_state_dict(state)
+        seals[row] = Seal(hubert, projector, lm, tok, config)
+    torch.manual_seed(cfg.seed)
+    seals["untrained projector"] = Seal(hubert, Projector(seals["Seal (KL)"].projector.config), lm, tok,
+                                        seals["Seal (KL)"].config)
+    inputs: dict[str, dict[str, list]] = {"text oracle": texts}
+    for row, seal in seals.items():
+        inputs[row] = {name: [] for name in splits}
+    for name, split in splits.items():
+        for start in tqdm(range(0, len(split), 32), desc=f"table: encoding {name}"):
+            wav, lengths = pad_batch([split[i]["wav"] for i in range(start, min(start + 32, len(split)))])
+            feats, frames = seals["Seal (KL)"].encode(wav, lengths)
+            for row, seal in seals.items():
+                inputs[row][name] += seal.speech_embeds(feats, frames)
+
+    by_intent: dict[str, list[int]] = {}
+    for i, y in enumerate(labels["train"]):
+        by_intent.setdefault(y, []).append(i)
+    # intents with enough train utterances for k demonstrations (all 31 at the default sizes)
+    intents = sorted(y for y, rows in by_intent.items() if len(rows) >= max(cfg.shots))
+    eligible = [q for q, y in enumerate(labels["test"]) if y in intents]
+    if len(intents) < cfg.n_way or not eligible:
+        raise UserError(f"{corpus}: only {len(intents)} intents have >= {max(cfg.shots)} train utterances; "
+                        f"a {cfg.n_way}-way table needs more data (raise n_train)")
+    results = []
+    runs = [(row, arbitrary, k) for arbitrary in (False, True) for row in inputs for k in cfg.shots]
+    bar = tqdm(total=len(runs) * cfg.table_seeds * cfg.table_queries, desc="table: few-shot", unit="query")
+    for row, arbitrary, k in runs:
+        accs = []
+        for seed in range(cfg.table_seeds):
+            rng = random.Random(seed)  # the same episodes for every row: rows differ only in their inputs
+            queries = rng.sample(eligible, min(cfg.table_queries, len(eligible)))
+            correct = 0
+            for start in range(0, len(queries), 16):
+                prompts, golds = [], []
+                for q in queries[start: start + 16]:
+                    gold = labels["test"][q]
+                    chosen = [gold] + rng.sample([y for y in intents if y != gold], cfg.n_way - 1)
+                    names = rng.sample(data.ARBITRARY_LABELS, cfg.n_way) if arbitrary else chosen
+                    demos = [(j, n) for y, n in zip(chosen, names) for j in rng.sample(by_intent[y], k)]
+                    rng.shuffle(demos)
+                    segs = []
+                    for j, n in demos:
+                        segs += [inputs[row]["train"][j], between, tok.encode(template.candidate(n))]
+                    prompts.append(segs + [inputs[row]["test"][q], between])
+                    golds.append([tok.encode(template.candidate(n)) for n in names])
+                # the batch shares one candidate list; each query is scored on its own N labels
+                candidates = sorted({tuple(c) for g in golds for c in g})
+                index = {c: i for i, c in enumerate(candidates)}
+                scores = rank_scores(lm, build_prompt(prompts, lm.wte), candidates)  # (B, n_candidates)
+                for b, g in enumerate(golds):
+                    own = scores[b, [index[tuple(c)] for c in g]]  # (N,), the gold label first
+                    correct += int(own.argmax()) == 0
+                bar.update(len(prompts))
+            accs.append(correct / len(queries))
+        results.append(dict(row=row, labels="arbitrary" if arbitrary else "natural", k=k,
+                            accuracy=float(np.mean(accs)), std=float(np.std(accs)), seeds=accs))
+    bar.close()
+    table = dict(n_way=cfg.n_way, chance=1 / cfg.n_way, queries=cfg.table_queries, seeds=cfg.table_seeds,
+                 results=results)
+    (cfg.cache / "micro-world" / "table.json").write_text(json.dumps(table, indent=1))
+    return table
+
+
+def format_table(table: dict, shots: Sequence[int]) -> str:
+    """The table as markdown: one line per (labels, row), accuracy mean ± std over seeds per k."""
+    lines = [f"{table['n_way']}-way k-shot intent accuracy, synthetic FSC-style test split (unseen voices), "
+             f"mean ± std over {table['seeds']} seeds x {table['queries']} queries; chance {table['chance']:.0%}",
+             "", "| labels | row | " + " | ".join(f"k={k}" for k in shots) + " |",
+             "|---|---|" + "---|" * len(shots)]
+    cells = {(r["labels"], r["row"], r["k"]): r for r in table["results"]}
+    for labels, row in dict.fromkeys((r["labels"], r["row"]) for r in table["results"]):
+        lines.append(f"| {labels} | {row} | " + " | ".join(
+            f"{cells[labels, row, k]['accuracy']:.1%} ± {cells[labels, row, k]['std']:.1%}" for k in shots) + " |")
+    return "\n".join(lines)
+
+
+def run_micro_world(argv: Sequence[str], cfg: WorldConfig | None = None) -> dict:
+    """`python train.py`: build (or finish building) the micro world, then print its few-shot table."""
+    cfg = cfg or WorldConfig()
+    t0 = time.time()
+    corpus = world_corpus(cfg)
+    lm = world_lm(cfg)
+    hubert = world_hubert(cfg, corpus)
+    seal = world_projector(cfg, corpus, "kl")
+    psrt = world_projector(cfg, corpus, "ce")
+    table = world_table(cfg, corpus)
+    print(format_table(table, cfg.shots))
+    print(f"\nmicro world ready in {time.time() - t0:.0f} s, under {cfg.cache}:\n"
+          f"  speech corpus   {corpus}\n  tiny LM         {lm}\n  tiny HuBERT     {hubert}\n"
+          f"  Seal projector  {seal / PROJECTOR_NAME}\n  PSRT projector  {psrt / PROJECTOR_NAME}\n"
+          f"  table           {cfg.cache / 'micro-world' / 'table.json'}\n"
+          f"next: python fewshot.py --task fsc --k 5")
+    return table
+
+
+# -----------------------------------------------------------------------------
 # Command line
-
-
-def run_micro_world(argv: Sequence[str]) -> None:
-    """`python train.py` with no --encoder/--lm/--data: the offline micro world (issue 6, built by the world
-    helper, which replaces this function)."""
-    raise UserError("the micro world is not built yet; give --encoder, --lm and --data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,130 @@
+"""The micro world (train.py, `python train.py` with no flags): MFCC against an independent numpy
+computation, the HuBERT pre-training helpers, and a scaled-down run of the whole chain."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from data import MFCC_DIM, mfcc
+from encoder import kmeans, span_mask
+
+
+def numpy_mfcc(x, sr=16000, win=400, hop=320, n_fft=512, n_mels=40, n_ceps=13, fmin=20.0, fmax=8000.0):
+    """MFCC written independently in numpy, loop by loop, in float64 (the oracle for data.mfcc)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = np.append(x[0], x[1:] - 0.97 * x[:-1])  # pre-emphasis
+    n = 1 + (len(x) - win) // hop
+    window = 0.54 - 0.46 * np.cos(2 * np.pi * np.arange(win) / (win - 1))  # symmetric Hamming
+    frames = np.stack([x[i * hop: i * hop + win] * window for i in range(n)])
+    power = np.abs(np.fft.rfft(frames, n_fft)) ** 2
+
+    def mel(f):
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    def hz(m):
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+    edges = hz(np.linspace(mel(fmin), mel(fmax), n_mels + 2))
+    bins = np.arange(n_fft // 2 + 1) * sr / n_fft
+    fb = np.zeros((n_mels, len(bins)))
+    for m in range(n_mels):
+        lo, c, hi = edges[m: m + 3]
+        for j, f in enumerate(bins):
+            if lo < f <= c:
+                fb[m, j] = (f - lo) / (c - lo)
+            elif c < f < hi:
+                fb[m, j] = (hi - f) / (hi - c)
+    log_mel = np.log(power @ fb.T + 1e-6)
+    ceps = np.zeros((n, n_ceps))
+    for k in range(n_ceps):
+        for i in range(n_mels):
+            ceps[:, k] += log_mel[:, i] * np.cos(np.pi * k * (2 * i + 1) / (2 * n_mels))
+        ceps[:, k] *= np.sqrt((1.0 if k == 0 else 2.0) / n_mels)
+
+    def delta(c):
+        p = np.concatenate([c[:1], c[:1], c, c[-1:], c[-1:]])
+        return np.stack([((p[t + 3] - p[t + 1]) + 2 * (p[t + 4] - p[t])) / 10.0 for t in range(len(c))])
+
+    d = delta(ceps)
+    return np.concatenate([ceps, d, delta(d)], axis=1)
+
+
+def test_mfcc_matches_numpy():
+    t = np.arange(int(16000 * 1.3)) / 16000
+    x = 0.5 * np.sin(2 * np.pi * (200 + 1500 * t) * t) + 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    ours = mfcc(torch.tensor(x, dtype=torch.float32)).numpy()
+    ref = numpy_mfcc(x)
+    assert ours.shape == ref.shape == ((len(x) - 400) // 320 + 1, MFCC_DIM)
+    np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-4)
+
+
+def test_mfcc_rejects_short_input():
+    with pytest.raises(ValueError, match="400 samples"):
+        mfcc(torch.zeros(100))
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([m + 0.3 * torch.randn(200, 2, generator=g) for m in means])
+    c = kmeans(x, 3, seed=1)
+    # every true mean has a centroid within 0.2 (the cluster mean of 200 points with std 0.3)
+    assert torch.cdist(means, c).min(1).values.max() < 0.2
+
+
+def test_span_mask_spans_and_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([200, 50])
+    m = span_mask(lengths, 200, generator=g)
+    assert not m[1, 50:].any()  # padding is never masked
+    assert 0.2 < m[0].float().mean() < 0.8  # about half of the real frames
+    runs = [len(r) for r in "".join("1" if v else "0" for v in m[0].tolist()).split("0") if r]
+    assert min(runs[:-1]) >= 10  # spans are at least MASK_SPAN long (the last may be cut by the end)
+
+
+def test_lm_corpus_episodes_are_consistent():
+    corpus = data.LMCorpus(data.fsc_grammar(), seed=0)
+    intent_of = {t: it.label for it in corpus.grammar.intents for t in it.templates}
+    n_episodes = 0
+    for _ in range(300):
+        segs = corpus.document()
+        if len(segs) < 6 or segs[1] != data.FEWSHOT_SEPARATOR:
+            continue
+        pairs = [(segs[i], segs[i + 2]) for i in range(0, len(segs), 3)]
+        label_of = {}
+        for text, label in pairs:  # one intent -> one label within a document, and vice versa
+            intent = intent_of[text[0].lower() + text[1:]]
+            assert label_of.setdefault(intent, label) == label
+        assert len(set(label_of.values())) == len(label_of)
+        n_episodes += 1
+    assert n_episodes > 50
+
+
+def test_quick_world_chain(tmp_path, monkeypatch):
+    """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
+    from decoder import GPT, load_tokenizer
+    from encoder import HuBERT
+    from seal import Seal
+
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
+    cfg = train.WorldConfig.quick()
+    table = train.run_micro_world([], cfg)
+    lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
+    assert lm.config.n_layer == cfg.lm_layers and tok.vocab_size == lm.config.vocab_size
+    assert HuBERT.from_pretrained("tiny-hubert").config.n_layer == cfg.hubert_layers
+    for folder in ("seal-fsc", "psrt-fsc"):
+        seal = Seal.from_pretrained(tmp_path / "micro-world" / folder / train.PROJECTOR_NAME)
+        assert seal.config.lm == "tiny-lm" and seal.config.encoder == "tiny-hubert"
+    saved = json.loads((tmp_path / "micro-world" / "table.json").read_text())
+    assert saved == table
+    # the trivial task: 2-way natural labels, which even a 300-step LM has partly learned from text
+    oracle = [r["accuracy"] for r in table["results"] if r["row"] == "text oracle" and r["labels"] == "natural"]
+    assert sum(oracle) / len(oracle) > table["chance"] + 0.1
+    # a rerun finds every artifact and only recomputes the table
+    mtime = (tmp_path / "tiny-lm" / "model.safetensors").stat().st_mtime
+    train.run_micro_world([], cfg)
+    assert (tmp_path / "tiny-lm" / "model.safetensors").stat().st_mtime == mtime
