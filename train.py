@@ -923,6 +923,9 @@ def format_table(table: dict, shots: Sequence[int]) -> str:
 
 def run_micro_world(argv: Sequence[str], cfg: WorldConfig | None = None) -> dict:
     """`python train.py`: build (or finish building) the micro world, then print its few-shot table."""
+    if argv:
+        raise UserError(f"the micro world (no --encoder/--lm/--data) takes no other flags, got {' '.join(argv)}; "
+                        f"its sizes are the fields of WorldConfig in train.py")
     cfg = cfg or WorldConfig()
     t0 = time.time()
     corpus = world_corpus(cfg)

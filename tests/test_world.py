@@ -128,3 +128,8 @@ def test_quick_world_chain(tmp_path, monkeypatch):
     mtime = (tmp_path / "tiny-lm" / "model.safetensors").stat().st_mtime
     train.run_micro_world([], cfg)
     assert (tmp_path / "tiny-lm" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_micro_world_refuses_training_flags():
+    with pytest.raises(train.UserError, match="takes no other flags"):
+        train.run_micro_world(["--max-steps", "3"])
