@@ -57,6 +57,16 @@ def peak_since_mib(rss_before: float) -> float:
     return _status_mib("VmHWM") - rss_before
 
 
+def report_step(step, iters: int) -> None:
+    """Run `step` (a callable returning its own seconds) 1 + iters times and print one JSON line: the
+    first call's peak memory, and the median time of the calls after it (the first one if iters is 0)."""
+    before = start_peak_window()
+    times = [step()]  # the first call is also the memory measurement
+    peak = peak_since_mib(before)
+    times += [step() for _ in range(iters)]
+    print(json.dumps({"peak_mib": peak, "time_s": statistics.median(times[1:] or times)}))
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -74,11 +84,7 @@ def worker(args: argparse.Namespace) -> None:
         h_s.grad = w.grad = None
         return time.perf_counter() - t0
 
-    before = start_peak_window()
-    times = [step()]  # the first call is also the memory measurement
-    peak = peak_since_mib(before)
-    times += [step() for _ in range(args.iters)]
-    print(json.dumps({"peak_mib": peak, "time_s": statistics.median(times[1:] or times)}))
+    report_step(step, args.iters)
 
 
 def main(argv: list[str] | None = None) -> None:

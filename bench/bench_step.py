@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_kl import peak_since_mib, start_peak_window  # noqa: E402  (same folder: the memory probe)
+from bench_kl import report_step  # noqa: E402  (same folder: the memory probe)
 
 SAMPLE_RATE = 16_000
 VARIANTS = [("ours", "encoder"), ("reference", "encoder"), ("ours", "encoder+teacher"),
@@ -101,11 +101,7 @@ def worker(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    before = start_peak_window()
-    times = [step()]  # the first step is also the memory measurement
-    peak = peak_since_mib(before)
-    times += [step() for _ in range(args.iters)]
-    print(json.dumps({"peak_mib": peak, "time_s": statistics.median(times[1:] or times)}))
+    report_step(step, args.iters)
 
 
 def main(argv: list[str] | None = None) -> None:
