@@ -53,9 +53,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+# The encoder fixes the audio format: 16 kHz mono, one frame per 320 samples, each seeing 400.
+from encoder import HOP_LENGTH, RECEPTIVE_FIELD, SAMPLE_RATE
+
 log = logging.getLogger("seal.data")
 
-SAMPLE_RATE = 16_000          # every model in Seal consumes 16 kHz mono
 MAX_SECONDS = 60.0            # longer clips are rejected: commands are seconds long, and a
                               # 10-minute file is almost always a mistake (a whole session)
 ESPEAK_RATE = 22_050          # espeak-ng's native output rate
@@ -1486,8 +1488,8 @@ class LMCorpus:
 # Frames advance by 20 ms (320 samples), the hop of the HuBERT encoder, so frame t of the MFCC
 # and frame t of the model start at the same sample and the cluster ids line up with its frames.
 
-MFCC_WINDOW = 400    # samples: 25 ms at 16 kHz
-MFCC_HOP = 320       # samples: 20 ms, one MFCC frame per HuBERT frame
+MFCC_WINDOW = RECEPTIVE_FIELD  # 400 samples: 25 ms, what one HuBERT frame sees
+MFCC_HOP = HOP_LENGTH          # 320 samples: 20 ms, one MFCC frame per HuBERT frame
 MFCC_N_FFT = 512     # the next power of two above the window
 MFCC_N_MELS = 40
 MFCC_N_CEPS = 13
