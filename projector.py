@@ -44,10 +44,18 @@ class ProjectorConfig:
     mode: str = "stack"  # "stack": concatenate k frames; "conv": strided Conv1d
     kernel_size: int = 0  # conv only; 0 means kernel_size = rate (non-overlapping windows)
     hidden_dim: int = 2048  # MLP width
+    # > 0: every soft token is rescaled to this L2 norm (its direction is what is learned). The frozen
+    # LM has only ever seen token embeddings of about one size; left free, the KL pushes soft tokens
+    # to several times that norm (3-8x in the micro world), which the LM still copies from at the
+    # start of a prompt but which derail it in the middle of a few-shot prompt. train.py sets it to
+    # the LM's mean token-embedding norm with --match-embedding-norm.
+    norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("stack", "conv"):
             raise ValueError(f"ProjectorConfig.mode: expected 'stack' or 'conv', got {self.mode!r}")
+        if self.norm < 0:
+            raise ValueError(f"ProjectorConfig.norm: expected >= 0 (0 = free norm), got {self.norm}")
         if self.rate < 1:
             raise ValueError(f"ProjectorConfig.rate: expected >= 1, got {self.rate}")
         if self.kernel_size and self.kernel_size < self.rate:
@@ -109,6 +117,8 @@ class Projector(nn.Module):
         else:
             h = self.down(x.transpose(1, 2)).transpose(1, 2)  # (B, T_out, H)
         y = self.out(self.act(h))  # (B, T_out, C_lm)
+        if self.config.norm > 0:
+            y = self.config.norm * F.normalize(y, dim=-1)  # ||y_t|| = norm for every soft token
         return y, self.output_lengths(lengths)
 
     def num_parameters(self) -> int:

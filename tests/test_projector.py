@@ -32,9 +32,23 @@ def test_projector_stack_layout_and_count():
     torch.testing.assert_close(y, manual)
 
 
+def test_projector_norm_fixes_every_soft_token_norm():
+    torch.manual_seed(0)
+    free = Projector(ProjectorConfig(in_dim=4, out_dim=5, rate=2, hidden_dim=7))
+    fixed = Projector(ProjectorConfig(in_dim=4, out_dim=5, rate=2, hidden_dim=7, norm=2.5))
+    fixed.load_state_dict(free.state_dict())  # same weights: only the rescaling differs
+    x = torch.randn(2, 6, 4)
+    y_free, _ = free(x)
+    y, _ = fixed(x)
+    torch.testing.assert_close(y.norm(dim=-1), torch.full((2, 3), 2.5))
+    torch.testing.assert_close(y, 2.5 * y_free / y_free.norm(dim=-1, keepdim=True))  # same directions
+
+
 def test_projector_config_errors():
     with pytest.raises(ValueError, match="mode"):
         ProjectorConfig(mode="pool")
+    with pytest.raises(ValueError, match="norm"):
+        ProjectorConfig(norm=-1.0)
     with pytest.raises(ValueError, match="kernel_size"):
         ProjectorConfig(mode="conv", rate=4, kernel_size=2)
 
