@@ -13,7 +13,10 @@ match in these two prompts (REFERENCE.md, "The method"):
 
 With o = t (the default) the LM must *copy* the transcript after the separator, which it can only
 do from the student prompt if the soft tokens carry the words: this is the induction-head skill
-that in-context learning needs. The PSRT baseline instead trains [speech] [sep] [t] with
+that in-context learning needs. Few-shot prompts put speech in the middle of a prompt, after
+other lines, so training can do the same: with config.lines = L, L examples share a row, one line
+each ([s1][sep][o1] \n [s2][sep][o2] \n ...), teacher and student alike, and the KL covers every
+line's o. The soft tokens then have to work wherever a line starts, not only at position 0. The PSRT baseline instead trains [speech] [sep] [t] with
 next-token cross-entropy on t (speech recognition through the LM).
 
 Both prompts, and the few-shot prompts of fewshot.py (k x ([speech_i] [sep] [label_i]) + query),
@@ -133,11 +136,14 @@ class SealConfig:
     separator: str = " =>"  # text between the speech (or transcript) and o
     loss: str = "kl"  # "kl" (Seal) or "ce" (PSRT)
     temperature: float = 1.0  # KL temperature T
+    lines: int = 1  # examples per training row, one line each (see the module docstring)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.projector, dict):
             self.projector = ProjectorConfig(**self.projector)
+        if self.lines < 1:
+            raise ValueError(f"SealConfig.lines: expected >= 1, got {self.lines}")
         if self.loss not in ("kl", "ce"):
             raise ValueError(f"SealConfig.loss: expected 'kl' or 'ce', got {self.loss!r}")
 
@@ -159,6 +165,10 @@ class Seal(nn.Module):
         if projector.config.out_dim != lm_width:
             raise ValueError(f"Seal: projector out_dim {projector.config.out_dim} != LM width {lm_width}")
         self.sep_ids: list[int] = list(tokenizer.encode(self.config.separator)) if tokenizer is not None else []
+        # The ids "\n" adds after text, as in the LM's training text (encoding "\n" on its own would
+        # give sentencepiece's word-start piece first); taken after the separator, which must encode.
+        self.newline_ids: list[int] = (list(tokenizer.encode(self.config.separator + "\n"))[len(self.sep_ids):]
+                                       if tokenizer is not None else [])
 
     def train(self, mode: bool = True) -> "Seal":
         super().train(mode)
@@ -201,12 +211,25 @@ class Seal(nn.Module):
         return self.decoder(inputs_embeds=prompt.embeds, return_hidden=True)
 
     def _target_hidden(self, first: Sequence[Segment], targets: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Hidden states (N, C) at the positions predicting each row's target, for rows [first][sep][target]."""
+        """Hidden states (N, C) at the positions predicting each example's target, example by example.
+
+        Examples go config.lines to a row, one line each:  [f1][sep][o1][\n] ... [fL][sep][oL]
+        (the last row may hold fewer). Line l's target is segment 4 * l + 2 of its row."""
         if not self.sep_ids:
             raise ValueError("Seal: empty separator; give the Seal a tokenizer and a non-empty config.separator")
-        prompt = self.prompt([[f, self.sep_ids, o] for f, o in zip(first, targets)])
+        L = self.config.lines
+        rows = []
+        for r in range(0, len(first), L):
+            row = [seg for f, o in zip(first[r : r + L], targets[r : r + L]) for seg in (f, self.sep_ids, o, self.newline_ids)]
+            rows.append(row[:-1])  # no newline after the last line
+        prompt = self.prompt(rows)
         h = self.hidden(prompt)  # (B, T, C)
-        return h.reshape(-1, h.shape[-1])[prompt.predicting(2)]
+        h = h.reshape(-1, h.shape[-1])
+        # predicting(s) lists segment s's positions row by row; regroup them into example order
+        per_line = [prompt.predicting(4 * l + 2).split(prompt.lengths[:, 4 * l + 2].tolist())
+                    for l in range(min(L, len(first)))]
+        order = [per_line[l][r] for r in range(len(rows)) for l in range(L) if r * L + l < len(first)]
+        return h[torch.cat(order)]
 
     @torch.no_grad()
     def teacher_hidden(self, text_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:

@@ -16,12 +16,12 @@ class CharTokenizer:
         return [ord(c) % 100 + 1 for c in text]
 
 
-def tiny_seal(loss: str = "kl", encoder_layer: int = -1) -> Seal:
+def tiny_seal(loss: str = "kl", encoder_layer: int = -1, lines: int = 1) -> Seal:
     lm = GPT(GPTConfig.preset("gpt2-tiny"))
     enc = HuBERT(HuBERTConfig.preset("hubert-tiny"))
     proj = Projector(ProjectorConfig(in_dim=64, out_dim=64, rate=2, hidden_dim=32))
     cfg = SealConfig(encoder="tiny-hubert", lm="tiny-lm", encoder_layer=encoder_layer, loss=loss,
-                     projector=proj.config)
+                     lines=lines, projector=proj.config)
     return Seal(enc, proj, lm, CharTokenizer(), cfg)
 
 
@@ -63,6 +63,29 @@ def test_student_with_text_embeddings_equals_teacher():
     start = len(texts[0]) + len(seal.sep_ids)
     torch.testing.assert_close(h_t[: len(texts[0])] @ seal.decoder.wte.weight.T, logits[start - 1 : -1],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_several_lines_per_row_layout_and_example_order():
+    one, two = tiny_seal(), tiny_seal(lines=2)
+    two.load_state_dict(one.state_dict())
+    texts = [CharTokenizer().encode(t) for t in ["turn on", "stop", "lamp"]]  # rows: [0, 1], [2]
+    h1, h2 = one.teacher_hidden(texts), two.teacher_hidden(texts)
+    assert h2.shape == h1.shape == (sum(map(len, texts)), 64)
+    # first lines of rows see no other line: the same states as one example per row
+    n0, n1 = len(texts[0]), len(texts[1])
+    torch.testing.assert_close(h2[:n0], h1[:n0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2[n0 + n1:], h1[n0 + n1:], rtol=1e-5, atol=1e-5)
+    # the second line of row 0 is predicted after the whole first line and a newline
+    assert two.newline_ids == CharTokenizer().encode("\n")
+    ids = texts[0] + two.sep_ids + texts[0] + two.newline_ids + texts[1] + two.sep_ids + texts[1]
+    logits = two.decoder(torch.tensor([ids]))[0]  # (T, V)
+    torch.testing.assert_close(h2[n0 : n0 + n1] @ two.decoder.wte.weight.T, logits[len(ids) - n1 - 1 : -1],
+                               rtol=1e-5, atol=1e-5)
+    # and speech that is exactly the transcripts' embeddings still gives the teacher's states
+    speech = [two.decoder.wte.weight[t] for t in texts]
+    torch.testing.assert_close(two.student_hidden(speech, texts), h2)
+    with pytest.raises(ValueError, match="lines"):
+        SealConfig(lines=0)
 
 
 def test_kl_loss_matches_plain_kl_on_full_logits():
