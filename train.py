@@ -403,7 +403,7 @@ def evaluate(seal: Seal, examples: list[Example], cfg: TrainConfig, device, amp_
 def build_seal(cfg: TrainConfig, device: torch.device) -> Seal:
     encoder = HuBERT.from_pretrained(cfg.encoder)
     lm = GPT.from_pretrained(cfg.lm)
-    norm = float(lm.wte.weight.norm(dim=-1).mean()) if cfg.match_embedding_norm else 0.0
+    norm = float(lm.wte.weight.detach().norm(dim=-1).mean()) if cfg.match_embedding_norm else 0.0
     projector = Projector(ProjectorConfig(in_dim=encoder.config.n_embd, out_dim=lm.config.n_embd, rate=cfg.rate,
                                           mode=cfg.projector_mode, hidden_dim=cfg.projector_hidden, norm=norm))
     seal_cfg = SealConfig(encoder=cfg.encoder, lm=cfg.lm, encoder_layer=cfg.encoder_layer, separator=cfg.separator,
