@@ -223,6 +223,10 @@ class Seal(nn.Module):
             row = [seg for f, o in zip(first[r : r + L], targets[r : r + L]) for seg in (f, self.sep_ids, o, self.newline_ids)]
             rows.append(row[:-1])  # no newline after the last line
         prompt = self.prompt(rows)
+        T, context = prompt.embeds.shape[1], self.decoder.config.block_size
+        if T > context:
+            raise ValueError(f"Seal: a row of {L} line(s) takes {T} positions, more than the LM's context of {context}; "
+                             f"put fewer lines in a row (SealConfig.lines, train.py --lines)")
         h = self.hidden(prompt)  # (B, T, C)
         h = h.reshape(-1, h.shape[-1])
         # predicting(s) lists segment s's positions row by row; regroup them into example order

@@ -432,6 +432,18 @@ def load_data(cfg: TrainConfig, seal: Seal) -> tuple[list[Example], list[Example
     return train, held
 
 
+def check_row_fits(seal: Seal, examples: list[Example], lines: int) -> None:
+    """Refuse, before any training, --lines whose longest possible row exceeds the LM's context."""
+    soft = seal.projector_module.output_lengths(seal.encoder.frame_lengths(torch.tensor([e.n_samples for e in examples])))
+    per_line = [max(int(s), len(e.text_ids)) + len(seal.sep_ids) + len(e.target_ids) + len(seal.newline_ids)
+                for s, e in zip(soft, examples)]  # speech (student) or transcript (teacher), whichever is longer
+    worst = sum(sorted(per_line)[-lines:]) - len(seal.newline_ids)
+    context = seal.decoder.config.block_size
+    if worst > context:
+        raise UserError(f"--lines {lines}: the longest row takes {worst} positions, more than the LM's context of "
+                        f"{context}; lower --lines")
+
+
 def train(cfg: TrainConfig, seal: Seal | None = None,
           examples: tuple[list[Example], list[Example]] | None = None) -> dict:
     """Train; returns the latest value of every metric. `seal` and `examples` (train, held-out) may be given
@@ -454,6 +466,7 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
 
     seal = (seal or build_seal(cfg, device)).to(device)
     train_ex, held = examples or load_data(cfg, seal)
+    check_row_fits(seal, train_ex + held, cfg.lines)
     if cfg.target == "continue":
         for split in (train_ex, held):
             continuation_targets(seal, split, cfg.continue_tokens, cfg.batch_size, device, cfg.progress and rank == 0)
@@ -670,8 +683,10 @@ class WorldConfig:
     rate: int = 8  # 8 frames of 20 ms per soft token: about one per word
     projector_hidden: int = 256
     seal_steps: int = 1100
-    seal_lines: int = 20  # utterances per training row (TrainConfig.lines): speech mid-prompt, as in few-shot
-    seal_batch: int = 100  # utterances per step: 5 rows of 20 lines
+    # utterances per training row (TrainConfig.lines), so that speech is read mid-prompt as in a 4-way
+    # 5-shot prompt (21 lines); the 19 longest clips just fit the LM's 512 positions (train.check_row_fits)
+    seal_lines: int = 19
+    seal_batch: int = 95  # utterances per step: 5 rows of 19 lines
     seal_lr: float = 1e-3
     encoder_layer: int = 1  # the first transformer layer's output: a linear probe finds intents there best
     # 5. few-shot table

@@ -141,6 +141,24 @@ def test_psrt_without_caches_and_projector_reload(world, tmp_path):
     assert all(torch.equal(v, seal.projector.state_dict()[k]) for k, v in ckpt.items())
 
 
+def test_several_lines_per_row_with_matched_norm(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # 4 lines of bytes do not fit this LM's 128 positions: said, not crashed
+        main(argv(world, tmp_path / "long", "--lines", "4", "--max-steps", "1"))
+    assert "more than the LM's context of 128" in capsys.readouterr().err
+    main(argv(world, tmp_path, "--lines", "2", "--match-embedding-norm", "--max-steps", "30", "--eval-every", "30"))
+    evals = [r["eval_kl"] for r in metrics(tmp_path) if "eval_kl" in r]
+    assert evals[-1] < 0.7 * evals[0], evals  # the teacher runs every step (its states depend on the row)
+    seal = Seal.from_pretrained(tmp_path / "projector.safetensors")
+    assert seal.config.lines == 2
+    emb_norm = float(seal.decoder.wte.weight.norm(dim=-1).mean())
+    assert seal.projector.config.norm == pytest.approx(emb_norm)
+    soft, _ = seal.projector(torch.randn(1, 6, seal.projector.config.in_dim))
+    torch.testing.assert_close(soft.norm(dim=-1), torch.full((1, 3), emb_norm))
+    with pytest.raises(SystemExit):  # resuming with another row layout trains another model
+        main(argv(world, tmp_path, "--lines", "1", "--match-embedding-norm", "--max-steps", "40", "--resume"))
+    assert "lines=2" in capsys.readouterr().err
+
+
 def test_continuation_target_is_the_lms_greedy_continuation(world, tmp_path):
     cfg = TrainConfig(**vars(train_module.build_parser().parse_args(
         argv(world, tmp_path, "--target", "continue", "--continue-tokens", "4", "--max-steps", "2", "--eval-every", "100"))))
