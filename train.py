@@ -688,7 +688,9 @@ class WorldConfig:
     seal_lines: int = 19
     seal_batch: int = 95  # utterances per step: 5 rows of 19 lines
     seal_lr: float = 1e-3
-    encoder_layer: int = 1  # the first transformer layer's output: a linear probe finds intents there best
+    # the first transformer layer's output: in exploratory runs it gave better few-shot accuracy than the
+    # last layer (arbitrary labels, 5-shot: 50% against 38%, one seed)
+    encoder_layer: int = 1
     # 5. few-shot table
     n_way: int = 4
     shots: tuple[int, ...] = (0, 1, 3, 5)
