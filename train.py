@@ -712,17 +712,50 @@ class WorldConfig:
         """$SEAL_CACHE (default ~/.cache/seal): where from_pretrained("tiny-lm") looks."""
         return data.default_cache_dir()
 
+    def stamp(self, stage: str) -> dict:
+        """The settings a stage's artifact is built from, its upstream stages' included (the corpus feeds
+        the encoder; all feed the projectors): a cached artifact with another stamp is rebuilt."""
+        groups = {"corpus": ("seed", "n_", "train_voices", "valid_voices", "test_voices"), "lm": ("seed", "lm_"),
+                  "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer")}
+        needs = {"corpus": ("corpus",), "lm": ("lm",), "hubert": ("corpus", "hubert"),
+                 "projector": ("corpus", "lm", "hubert", "projector")}[stage]
+        prefixes = tuple(p for g in needs for p in groups[g])
+        stamp = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(prefixes)}
+        return json.loads(json.dumps(stamp))  # tuples as lists, as read back from the file
+
+
+STAMP_NAME = "world.json"  # in every stage's folder: WorldConfig.stamp(stage) of the settings that built it
+
+
+def stage_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
+    """Whether `out` was built (or, for a projector, started) with this config's settings for `stage`.
+
+    A folder built with other settings, or by an older version without a stamp, is removed so that the
+    stage is rebuilt; since stamps include upstream settings, the stages after it are rebuilt too."""
+    stamp = out / STAMP_NAME
+    if stamp.is_file() and json.loads(stamp.read_text()) == cfg.stamp(stage):
+        return True
+    if out.exists():
+        tqdm.write(f"{out}: built with other settings than this WorldConfig; rebuilding it")
+        shutil.rmtree(out)
+    return False
+
+
+def write_stamp(out: Path, cfg: WorldConfig, stage: str) -> None:
+    (out / STAMP_NAME).write_text(json.dumps(cfg.stamp(stage), indent=1))
+
 
 def world_corpus(cfg: WorldConfig) -> Path:
     """Stage 1: the synthetic FSC-style set (data.write_fsc), written once."""
     out = cfg.cache / "micro-world" / "synthetic-fsc"
-    if (out / data.FSC_DIR / "data" / "test_data.csv").is_file():
+    if stage_matches(out, cfg, "corpus"):
         return out
     voices = data.split_voices(cfg.train_voices, cfg.valid_voices, cfg.test_voices, seed=cfg.seed)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     data.write_fsc(tmp, {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}, voices, seed=cfg.seed,
                    cache_dir=cfg.cache / "speech", progress=True)
+    write_stamp(tmp, cfg, "corpus")
     os.replace(tmp, out)  # complete or absent: a rerun never sees half a corpus
     return out
 
@@ -745,7 +778,7 @@ def world_lm(cfg: WorldConfig) -> Path:
     repeated labels of an episode is what makes induction heads appear (a sudden drop of the loss
     after some hundreds of steps); label-only loss only teaches "some label from the context"."""
     out = cfg.cache / "tiny-lm"
-    if (out / "model.safetensors").is_file():
+    if stage_matches(out, cfg, "lm"):
         return out
     torch.manual_seed(cfg.seed)
     tmp = out.with_name(out.name + ".tmp")
@@ -787,6 +820,7 @@ def world_lm(cfg: WorldConfig) -> Path:
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.save_pretrained(tmp, extra_files={"tokenizer.model": (tmp / "tokenizer.model").read_bytes()})
+    write_stamp(tmp, cfg, "lm")
     os.replace(tmp, out)
     return out
 
@@ -794,7 +828,7 @@ def world_lm(cfg: WorldConfig) -> Path:
 def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     """Stage 3: tiny HuBERT, one iteration of masked prediction of k-means units of MFCC frames."""
     out = cfg.cache / "tiny-hubert"
-    if (out / "model.safetensors").is_file():
+    if stage_matches(out, cfg, "hubert"):
         return out
     torch.manual_seed(cfg.seed)
     train_set = data.FluentSpeechCommands(corpus, "train")
@@ -846,6 +880,7 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp)
+    write_stamp(tmp, cfg, "hubert")
     os.replace(tmp, out)
     return out
 
@@ -854,8 +889,12 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str) -> Path:
     """Stage 4: train() itself, on the synthetic train split, with the world's models and separator."""
     out = cfg.cache / "micro-world" / f"{'seal' if loss == 'kl' else 'psrt'}-fsc"
     ckpt = out / CKPT_NAME
-    if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= cfg.seal_steps:
-        return out
+    if stage_matches(out, cfg, "projector") and ckpt.is_file():
+        if torch.load(ckpt, weights_only=True)["step"] >= cfg.seal_steps:
+            return out
+    else:  # a fresh start; the stamp goes first, so that an interrupted run resumes (train's --resume)
+        out.mkdir(parents=True, exist_ok=True)
+        write_stamp(out, cfg, "projector")
     train(TrainConfig(
         encoder="tiny-hubert", lm="tiny-lm", data=f"synthetic:{corpus}", loss=loss, separator=data.COPY_SEPARATOR,
         rate=cfg.rate, projector_hidden=cfg.projector_hidden, encoder_layer=cfg.encoder_layer,

@@ -1,5 +1,6 @@
 """The micro world (train.py, `python train.py` with no flags): MFCC against an independent numpy
 computation, the HuBERT pre-training helpers, and a scaled-down run of the whole chain."""
+import dataclasses
 import json
 import random
 
@@ -125,9 +126,19 @@ def test_quick_world_chain(tmp_path, monkeypatch):
     oracle = [r["accuracy"] for r in table["results"] if r["row"] == "text oracle" and r["labels"] == "natural"]
     assert sum(oracle) / len(oracle) > table["chance"] + 0.1
     # a rerun finds every artifact and only recomputes the table
-    mtime = (tmp_path / "tiny-lm" / "model.safetensors").stat().st_mtime
+    def mtimes():
+        return {name: (tmp_path / name / "model.safetensors").stat().st_mtime for name in ("tiny-lm", "tiny-hubert")}
+
+    before = mtimes()
     train.run_micro_world([], cfg)
-    assert (tmp_path / "tiny-lm" / "model.safetensors").stat().st_mtime == mtime
+    assert mtimes() == before
+    # another encoder setting rebuilds the encoder and the projectors after it, not the LM
+    changed = dataclasses.replace(cfg, hubert_steps=cfg.hubert_steps + 1)
+    train.run_micro_world([], changed)
+    after = mtimes()
+    assert after["tiny-lm"] == before["tiny-lm"] and after["tiny-hubert"] != before["tiny-hubert"]
+    stamp = json.loads((tmp_path / "micro-world" / "seal-fsc" / train.STAMP_NAME).read_text())
+    assert stamp["hubert_steps"] == cfg.hubert_steps + 1 and stamp == changed.stamp("projector")
 
 
 def test_micro_world_refuses_training_flags():
