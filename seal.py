@@ -16,8 +16,9 @@ do from the student prompt if the soft tokens carry the words: this is the induc
 that in-context learning needs. Few-shot prompts put speech in the middle of a prompt, after
 other lines, so training can do the same: with config.lines = L, L examples share a row, one line
 each ([s1][sep][o1] \n [s2][sep][o2] \n ...), teacher and student alike, and the KL covers every
-line's o. The soft tokens then have to work wherever a line starts, not only at position 0. The PSRT baseline instead trains [speech] [sep] [t] with
-next-token cross-entropy on t (speech recognition through the LM).
+line's o. The soft tokens then have to work wherever a line starts, not only at position 0.
+The PSRT baseline instead trains [speech] [sep] [t] with next-token cross-entropy on t (speech
+recognition through the LM).
 
 Both prompts, and the few-shot prompts of fewshot.py (k x ([speech_i] [sep] [label_i]) + query),
 are built by one function, `build_prompt`, from a list of *segments* per example: a text segment is
@@ -222,11 +223,7 @@ class Seal(nn.Module):
         for r in range(0, len(first), L):
             row = [seg for f, o in zip(first[r : r + L], targets[r : r + L]) for seg in (f, self.sep_ids, o, self.newline_ids)]
             rows.append(row[:-1])  # no newline after the last line
-        prompt = self.prompt(rows)
-        T, context = prompt.embeds.shape[1], self.decoder.config.block_size
-        if T > context:
-            raise ValueError(f"Seal: a row of {L} line(s) takes {T} positions, more than the LM's context of {context}; "
-                             f"put fewer lines in a row (SealConfig.lines, train.py --lines)")
+        prompt = self.prompt(rows)  # a row longer than the LM's context is refused by the LM itself
         h = self.hidden(prompt)  # (B, T, C)
         h = h.reshape(-1, h.shape[-1])
         # predicting(s) lists segment s's positions row by row; regroup them into example order

@@ -640,7 +640,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 #   5. micro-world/table.json     few-shot accuracy, N-way k-shot, text oracle / Seal / PSRT /
 #                                 untrained projector, natural and arbitrary label words
 #
-# A stage whose artifact exists is skipped, so a rerun resumes where the last one stopped.
+# Each stage stamps its folder with the WorldConfig settings that built it (STAMP_NAME). A stage with a
+# matching stamp is skipped, so a rerun resumes where the last one stopped; one built with other
+# settings is rebuilt, and so is every stage after it.
 
 
 @dataclass
