@@ -858,14 +858,9 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.hubert_lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
-    # Batches of similar lengths (epoch_batches, as for the projector): random batches would be padded
-    # to their longest clip, about 2.0 s for a mean of 1.35 s, a third of the compute spent on silence.
-    sizes, batches, epoch = [len(w) for w in wavs], [], 0
     bar = tqdm(range(cfg.hubert_steps), desc="tiny-hubert", unit="step")
     for step in bar:
-        if not batches:
-            batches, epoch = epoch_batches(sizes, cfg.hubert_batch, cfg.seed, epoch), epoch + 1
-        idx = batches.pop()
+        idx = torch.randint(len(wavs), (cfg.hubert_batch,), generator=g).tolist()
         wav, lengths = pad_batch([wavs[i] for i in idx])
         frame_lengths = model.frame_lengths(lengths)
         T = int(frame_lengths.max())
