@@ -903,7 +903,8 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str) -> Path:
     train(TrainConfig(
         encoder="tiny-hubert", lm="tiny-lm", data=f"synthetic:{corpus}", loss=loss, separator=data.COPY_SEPARATOR,
         rate=cfg.rate, projector_hidden=cfg.projector_hidden, encoder_layer=cfg.encoder_layer,
-        match_embedding_norm=True, lines=cfg.seal_lines, batch_size=cfg.seal_batch, max_steps=cfg.seal_steps, lr=cfg.seal_lr, warmup_steps=min(30, cfg.seal_steps),
+        match_embedding_norm=True, lines=cfg.seal_lines, batch_size=cfg.seal_batch, max_steps=cfg.seal_steps,
+        lr=cfg.seal_lr, warmup_steps=min(30, cfg.seal_steps),
         eval_every=max(1, cfg.seal_steps // 3), save_every=cfg.seal_steps, out_dir=str(out), seed=cfg.seed,
         resume=ckpt.is_file()))
     return out
