@@ -120,6 +120,7 @@ def test_quick_world_chain(tmp_path, monkeypatch):
     for folder in ("seal-fsc", "psrt-fsc"):
         seal = Seal.from_pretrained(tmp_path / "micro-world" / folder / train.PROJECTOR_NAME)
         assert seal.config.lm == "tiny-lm" and seal.config.encoder == "tiny-hubert"
+        assert seal.config.temperature == cfg.seal_temperature  # the world's KL temperature reaches train()
     saved = json.loads((tmp_path / "micro-world" / "table.json").read_text())
     assert saved == table
     # the trivial task: 2-way natural labels, which even a 300-step LM has partly learned from text
