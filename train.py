@@ -693,7 +693,7 @@ class WorldConfig:
     # KL temperature T (REFERENCE.md): the student matches the teacher's softened distribution, so the words the
     # LM finds *almost* as likely count too, not only its top choice. Seal, arbitrary labels, k = 5, projector
     # seeds 0, 1, 2 (TrainConfig.seed: init and batch order): 67.5%, 58.8%, 63.2% at T = 1; 71.0%, 72.2%, 70.0%
-    # at T = 2; 68.2% at T = 3 (seed 0). Natural labels stay at 82-85% (measured)
+    # at T = 2 (seeds 3 and 4: 68.0%, 69.5%); 68.2% at T = 3 (seed 0). Natural labels stay at 82-85% (measured)
     seal_temperature: float = 2.0
     # the first transformer layer's output: in exploratory runs it gave better few-shot accuracy than the
     # last layer (arbitrary labels, 5-shot: 50% against 38%, one seed)
