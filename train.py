@@ -250,8 +250,10 @@ def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: t
     """Encoder features and teacher states for every example, computed once before training.
 
     The batches here are fixed (sorted by length, independent of the training order), so the cached
-    values, and hence training, are reproducible across --resume. With --cache disk, one file per
-    utterance under cache_dir/desc; files already there are reused (rank 0 writes, see train()).
+    values, and hence training, are reproducible across --resume. With --cache memory, examples that
+    already carry features keep them (the micro world trains two projectors on one set of examples);
+    with --cache disk, one file per utterance under cache_dir/desc, and files already there are reused
+    (rank 0 writes, see train()).
     """
     if cfg.cache == "none" and not cfg.cache_teacher:
         return
@@ -271,7 +273,8 @@ def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: t
     for start in bar:
         batch = [examples[i] for i in order[start : start + per_batch]]
         with autocast(device, amp_dtype):
-            todo = [e for e in batch if cfg.cache == "memory" or (cfg.cache == "disk" and not e.feats_path.exists())]
+            todo = [e for e in batch if (cfg.cache == "memory" and e.feats is None)
+                    or (cfg.cache == "disk" and not e.feats_path.exists())]
             if todo:
                 wav, lengths = pad_batch([e.wav() for e in todo])
                 feats, frame_lengths = seal.encode(wav.to(device), lengths.to(device))
@@ -411,14 +414,14 @@ def build_seal(cfg: TrainConfig, device: torch.device) -> Seal:
     return Seal(encoder, projector, lm, load_tokenizer(cfg.lm), seal_cfg).to(device)
 
 
-def load_data(cfg: TrainConfig, seal: Seal) -> tuple[list[Example], list[Example]]:
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example]]:
     """(train examples, held-out examples) from --data / --eval-data."""
     max_samples = int(cfg.max_seconds * data.SAMPLE_RATE)
     train_set = parse_data_spec(cfg.data, "train")
     eval_set = parse_data_spec(cfg.eval_data, "train") if cfg.eval_data else parse_data_spec(cfg.data, "valid")
-    train, skipped = make_examples(train_set, seal.tokenizer, max_samples)
+    train, skipped = make_examples(train_set, tokenizer, max_samples)
     if eval_set is not None:
-        held, skipped_eval = make_examples(eval_set, seal.tokenizer, max_samples)
+        held, skipped_eval = make_examples(eval_set, tokenizer, max_samples)
         held, skipped = held[: cfg.eval_size], skipped + skipped_eval
     else:  # hold out a seeded random subset of the training data
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -465,7 +468,7 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     seal = (seal or build_seal(cfg, device)).to(device)
-    train_ex, held = examples or load_data(cfg, seal)
+    train_ex, held = examples or load_data(cfg, seal.tokenizer)
     check_row_fits(seal, train_ex + held, cfg.lines)
     if cfg.target == "continue":
         for split in (train_ex, held):
@@ -895,8 +898,31 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     return out
 
 
-def world_projector(cfg: WorldConfig, corpus: Path, loss: str) -> Path:
-    """Stage 4: train() itself, on the synthetic train split, with the world's models and separator."""
+def world_train_config(cfg: WorldConfig, corpus: Path, loss: str = "kl", out: Path | None = None) -> TrainConfig:
+    """Stage 4's train() settings: the synthetic train split, the world's models and separator."""
+    return TrainConfig(
+        encoder="tiny-hubert", lm="tiny-lm", data=f"synthetic:{corpus}", loss=loss, separator=data.COPY_SEPARATOR,
+        rate=cfg.rate, projector_hidden=cfg.projector_hidden, encoder_layer=cfg.encoder_layer,
+        match_embedding_norm=True, lines=cfg.seal_lines, batch_size=cfg.seal_batch, max_steps=cfg.seal_steps,
+        temperature=cfg.seal_temperature, lr=cfg.seal_lr, warmup_steps=min(30, cfg.seal_steps),
+        eval_every=max(1, cfg.seal_steps // 3), save_every=cfg.seal_steps, seed=cfg.seed,
+        out_dir=str(out) if out is not None else TrainConfig.out_dir,
+        resume=out is not None and (out / CKPT_NAME).is_file())
+
+
+def world_examples(cfg: WorldConfig, corpus: Path) -> tuple[list[Example], list[Example]]:
+    """Stage 4's (train, held-out) examples, built once for both projectors and the table.
+
+    The encoder is frozen, so all three read the same features: the first projector to train computes
+    them (fill_caches keeps them on the examples), and the second one and the table reuse them. That
+    saves two passes of the encoder over the train split.
+    """
+    return load_data(world_train_config(cfg, corpus), load_tokenizer("tiny-lm"))
+
+
+def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
+                    examples: tuple[list[Example], list[Example]] | None = None) -> Path:
+    """Stage 4: train() itself, on world_examples (train() builds them when not given)."""
     out = cfg.cache / "micro-world" / f"{'seal' if loss == 'kl' else 'psrt'}-fsc"
     ckpt = out / CKPT_NAME
     if stage_matches(out, cfg, "projector") and ckpt.is_file():
@@ -905,18 +931,12 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str) -> Path:
     else:  # a fresh start; the stamp goes first, so that an interrupted run resumes (train's --resume)
         out.mkdir(parents=True, exist_ok=True)
         write_stamp(out, cfg, "projector")
-    train(TrainConfig(
-        encoder="tiny-hubert", lm="tiny-lm", data=f"synthetic:{corpus}", loss=loss, separator=data.COPY_SEPARATOR,
-        rate=cfg.rate, projector_hidden=cfg.projector_hidden, encoder_layer=cfg.encoder_layer,
-        match_embedding_norm=True, lines=cfg.seal_lines, batch_size=cfg.seal_batch, max_steps=cfg.seal_steps,
-        temperature=cfg.seal_temperature, lr=cfg.seal_lr, warmup_steps=min(30, cfg.seal_steps),
-        eval_every=max(1, cfg.seal_steps // 3), save_every=cfg.seal_steps, out_dir=str(out), seed=cfg.seed,
-        resume=ckpt.is_file()))
+    train(world_train_config(cfg, corpus, loss, out), examples=examples)
     return out
 
 
 @torch.no_grad()
-def world_table(cfg: WorldConfig, corpus: Path) -> dict:
+def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()) -> dict:
     """Stage 5: N-way k-shot intent accuracy on the test split (voices never heard in training).
 
     An episode draws N of the 31 intents and, from the train split, k demonstrations of each (N * k
@@ -925,6 +945,7 @@ def world_table(cfg: WorldConfig, corpus: Path) -> dict:
     ("activate lights kitchen") or arbitrary words drawn per episode ("walnut"): then 0-shot is chance
     by construction and everything above it is learned in context. Rows: the text oracle (the true
     transcripts in place of speech), Seal (KL), PSRT (CE) and an untrained projector (the floor).
+    `examples`: train-split examples whose encoder features are already computed (world_examples).
     """
     from fewshot import Template, rank_scores  # the evaluation file, read after this one
 
@@ -949,12 +970,20 @@ def world_table(cfg: WorldConfig, corpus: Path) -> dict:
     inputs: dict[str, dict[str, list]] = {"text oracle": texts}
     for row, seal in seals.items():
         inputs[row] = {name: [] for name in splits}
+    known = {e.index: e.feats for e in examples if e.feats is not None}  # train-split row -> (L, C_enc)
     for name, split in splits.items():
-        for start in tqdm(range(0, len(split), 32), desc=f"table: encoding {name}"):
-            wav, lengths = pad_batch([split[i]["wav"] for i in range(start, min(start + 32, len(split)))])
-            feats, frames = seals["Seal (KL)"].encode(wav, lengths)
+        feats = [known.get(i) if name == "train" else None for i in range(len(split))]
+        todo = [i for i, f in enumerate(feats) if f is None]
+        for start in tqdm(range(0, len(todo), 32), desc=f"table: encoding {name}", disable=not todo):
+            batch = todo[start : start + 32]
+            wav, lengths = pad_batch([split[i]["wav"] for i in batch])
+            encoded, frames = seals["Seal (KL)"].encode(wav, lengths)  # (B, T, C_enc), (B,)
+            for j, i in enumerate(batch):
+                feats[i] = encoded[j, : frames[j]]
+        for start in range(0, len(feats), 32):
+            padded, frames = pad_batch(feats[start : start + 32])
             for row, seal in seals.items():
-                inputs[row][name] += seal.speech_embeds(feats, frames)
+                inputs[row][name] += seal.speech_embeds(padded, frames)
 
     by_intent: dict[str, list[int]] = {}
     for i, y in enumerate(labels["train"]):
@@ -1028,9 +1057,10 @@ def run_micro_world(argv: Sequence[str], cfg: WorldConfig | None = None) -> dict
     corpus = world_corpus(cfg)
     lm = world_lm(cfg)
     hubert = world_hubert(cfg, corpus)
-    seal = world_projector(cfg, corpus, "kl")
-    psrt = world_projector(cfg, corpus, "ce")
-    table = world_table(cfg, corpus)
+    examples = world_examples(cfg, corpus)
+    seal = world_projector(cfg, corpus, "kl", examples)
+    psrt = world_projector(cfg, corpus, "ce", examples)
+    table = world_table(cfg, corpus, examples[0])
     print(format_table(table, cfg.shots))
     print(f"\nmicro world ready in {time.time() - t0:.0f} s, under {cfg.cache}:\n"
           f"  speech corpus   {corpus}\n  tiny LM         {lm}\n  tiny HuBERT     {hubert}\n"

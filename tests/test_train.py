@@ -163,7 +163,7 @@ def test_continuation_target_is_the_lms_greedy_continuation(world, tmp_path):
     cfg = TrainConfig(**vars(train_module.build_parser().parse_args(
         argv(world, tmp_path, "--target", "continue", "--continue-tokens", "4", "--max-steps", "2", "--eval-every", "100"))))
     seal = build_seal(cfg, torch.device("cpu"))
-    examples = train_module.load_data(cfg, seal)
+    examples = train_module.load_data(cfg, seal.tokenizer)
     train_module.train(cfg, seal=seal, examples=examples)
     e = examples[0][3]
     assert len(e.target_ids) == 4 and e.teacher.shape == (4, 32)

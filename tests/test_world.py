@@ -113,7 +113,17 @@ def test_quick_world_chain(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
     cfg = train.WorldConfig.quick()
+    encoded = []  # batch sizes that went through the frozen encoder
+    real_encode = Seal.encode
+
+    def counting_encode(self, wav, lengths=None):
+        encoded.append(len(wav))
+        return real_encode(self, wav, lengths)
+
+    monkeypatch.setattr(Seal, "encode", counting_encode)
     table = train.run_micro_world([], cfg)
+    # every utterance is encoded once: both projectors and the table share the train split's features
+    assert sum(encoded) == cfg.n_train + cfg.n_valid + cfg.n_test
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     assert lm.config.n_layer == cfg.lm_layers and tok.vocab_size == lm.config.vocab_size
     assert HuBERT.from_pretrained("tiny-hubert").config.n_layer == cfg.hubert_layers
