@@ -447,6 +447,18 @@ def check_row_fits(seal: Seal, examples: list[Example], lines: int) -> None:
                         f"{context}; lower --lines")
 
 
+def check_seal_matches(seal: Seal, cfg: TrainConfig) -> None:
+    """Refuse a given Seal built with other model settings than cfg: the loss follows the Seal's config, while
+    the checkpoint records cfg, so a mismatch would train one model and describe another."""
+    p = seal.projector_module.config
+    pairs = {"encoder_layer": seal.config.encoder_layer, "separator": seal.config.separator, "loss": seal.config.loss,
+             "temperature": seal.config.temperature, "lines": seal.config.lines, "rate": p.rate,
+             "projector_mode": p.mode, "projector_hidden": p.hidden_dim}
+    for key, value in pairs.items():
+        if value != getattr(cfg, key):
+            raise UserError(f"train(): the given Seal has {key}={value!r}, the TrainConfig {key}={getattr(cfg, key)!r}")
+
+
 def train(cfg: TrainConfig, seal: Seal | None = None,
           examples: tuple[list[Example], list[Example]] | None = None) -> dict:
     """Train; returns the latest value of every metric. `seal` and `examples` (train, held-out) may be given
@@ -467,6 +479,8 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    if seal is not None:
+        check_seal_matches(seal, cfg)
     seal = (seal or build_seal(cfg, device)).to(device)
     train_ex, held = examples or load_data(cfg, seal.tokenizer)
     check_row_fits(seal, train_ex + held, cfg.lines)

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny world: the KL falls, frozen parts stay frozen, resume is exact,
 Ctrl-C and NaN are handled, DDP with 2 CPU processes equals one process."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -157,6 +158,14 @@ def test_several_lines_per_row_with_matched_norm(world, tmp_path, capsys):
     with pytest.raises(SystemExit):  # resuming with another row layout trains another model
         main(argv(world, tmp_path, "--lines", "1", "--match-embedding-norm", "--max-steps", "40", "--resume"))
     assert "lines=2" in capsys.readouterr().err
+
+
+def test_train_refuses_a_seal_built_with_other_settings(world, tmp_path):
+    cfg = TrainConfig(**vars(train_module.build_parser().parse_args(argv(world, tmp_path, "--max-steps", "1"))))
+    seal = build_seal(cfg, torch.device("cpu"))
+    for key, value in (("lines", 2), ("temperature", 2.0), ("loss", "ce")):
+        with pytest.raises(train_module.UserError, match=f"the given Seal has {key}="):
+            train_module.train(dataclasses.replace(cfg, **{key: value}), seal=seal)
 
 
 def test_continuation_target_is_the_lms_greedy_continuation(world, tmp_path):
