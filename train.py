@@ -47,7 +47,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from decoder import GPT, GPTConfig, SentencePieceTokenizer, load_tokenizer
+from decoder import GPT, GPT2Tokenizer, GPTConfig, SentencePieceTokenizer, load_tokenizer
 from encoder import HuBERT, HuBERTConfig, kmeans, masked_prediction_loss, span_mask
 from projector import Projector, ProjectorConfig, fused_kl_loss
 from seal import Seal, SealConfig, build_prompt, read_projector
@@ -414,7 +414,7 @@ def build_seal(cfg: TrainConfig, device: torch.device) -> Seal:
     return Seal(encoder, projector, lm, load_tokenizer(cfg.lm), seal_cfg).to(device)
 
 
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example]]:
+def load_data(cfg: TrainConfig, tokenizer: GPT2Tokenizer | SentencePieceTokenizer) -> tuple[list[Example], list[Example]]:
     """(train examples, held-out examples) from --data / --eval-data."""
     max_samples = int(cfg.max_seconds * data.SAMPLE_RATE)
     train_set = parse_data_spec(cfg.data, "train")
