@@ -906,7 +906,9 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
         idx = torch.randint(len(wavs), (cfg.hubert_batch,), generator=g).tolist()
         wav, lengths = pad_batch([wavs[i] for i in idx], WAV_PAD_MULTIPLE)
         frame_lengths = model.frame_lengths(lengths)
-        T = model.frame_lengths(wav.shape[1])  # frames of the padded batch
+        # targets and mask are drawn over the real frames, then padded to the model's frame count: the
+        # random draws, and so the trained encoder, do not depend on WAV_PAD_MULTIPLE
+        T = int(frame_lengths.max())
         # the MFCC frames (25 ms windows) and the model's frames share their 20 ms hop and start; their
         # counts can differ by a frame at the end, where the target is then "ignore" (-100)
         target = torch.full((len(idx), T), -100)
@@ -914,6 +916,9 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
             n = min(T, len(units[i]), int(frame_lengths[b]))
             target[b, :n] = units[i][:n]
         mask = span_mask(frame_lengths, T, generator=g) & (target >= 0)
+        extra = model.frame_lengths(wav.shape[1]) - T  # frames of padding only
+        target = torch.nn.functional.pad(target, (0, extra), value=-100)  # (B, T_pad)
+        mask = torch.nn.functional.pad(mask, (0, extra), value=False)  # (B, T_pad)
         lr = cfg.hubert_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / cfg.hubert_steps))
         for group in opt.param_groups:
             group["lr"] = lr

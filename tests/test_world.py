@@ -155,3 +155,18 @@ def test_quick_world_chain(tmp_path, monkeypatch):
 def test_micro_world_refuses_training_flags():
     with pytest.raises(train.UserError, match="takes no other flags"):
         train.run_micro_world(["--max-steps", "3"])
+
+
+def test_tiny_hubert_does_not_depend_on_the_padding_multiple(tmp_path, monkeypatch):
+    """WAV_PAD_MULTIPLE is a speed knob: the encoder it trains is the same up to float rounding."""
+    from encoder import HuBERT
+
+    cfg = train.WorldConfig.quick()
+    weights = []
+    for multiple in (1, train.WAV_PAD_MULTIPLE):
+        monkeypatch.setenv("SEAL_CACHE", str(tmp_path / str(multiple)))
+        monkeypatch.setattr(train, "WAV_PAD_MULTIPLE", multiple)
+        out = train.world_hubert(cfg, train.world_corpus(cfg))
+        weights.append(HuBERT.from_pretrained(str(out)).state_dict())
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, atol=1e-5, rtol=1e-4, msg=name)
