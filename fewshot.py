@@ -354,9 +354,8 @@ class SpeechBank:
         for start in range(0, len(indices), self.batch_size):
             chunk = indices[start: start + self.batch_size]
             wavs = [self.split.audio(i) for i in chunk]
-            lengths = torch.tensor([len(w) for w in wavs], device=device)
-            wav = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True).to(device)  # (b, S)
-            feats, frames = self.seal.encode(wav, lengths)  # (b, T, C_enc), (b,)
+            wav, lengths = data.pad_batch(wavs, data.WAV_PAD_MULTIPLE)  # (b, S), (b,)
+            feats, frames = self.seal.encode(wav.to(device), lengths.to(device))  # (b, T, C_enc), (b,)
             real = (torch.arange(feats.shape[1], device=device)[None, :] < frames[:, None]).float()
             pooled = (feats * real[..., None]).sum(1) / frames[:, None].clamp(min=1)  # masked mean (b, C_enc)
             soft = self.seal.speech_embeds(feats, frames) if keep_soft else [None] * len(chunk)

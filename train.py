@@ -238,23 +238,6 @@ def continuation_targets(seal: Seal, examples: list[Example], n_tokens: int, bat
             e.target_ids = row
 
 
-# Waveform batches are padded to a multiple of this many samples (0.2 s, 10 encoder frames). On CPU,
-# oneDNN builds its conv kernels for each new input shape, and the encoder's forward pass on a batch
-# of a length it has not seen took about twice as long as on one it has (measured, tiny HuBERT); with
-# few distinct lengths, almost every batch reuses kernels. The encoder ignores the padding (lengths).
-WAV_PAD_MULTIPLE = 3200
-
-
-def pad_batch(tensors: Sequence[torch.Tensor], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (L_i, ...) tensors into (B, L, ...), L = L_max rounded up to `multiple`, plus lengths (B,)."""
-    lengths = torch.tensor([t.shape[0] for t in tensors])
-    padded = torch.nn.utils.rnn.pad_sequence(list(tensors), batch_first=True)  # (B, L_max, ...)
-    extra = -padded.shape[1] % multiple
-    if extra:
-        padded = torch.cat([padded, padded.new_zeros(padded.shape[0], extra, *padded.shape[2:])], dim=1)
-    return padded, lengths
-
-
 @torch.no_grad()
 def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: torch.device, amp_dtype,
                 cache_dir: Path | None, desc: str) -> None:
@@ -287,7 +270,7 @@ def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: t
             todo = [e for e in batch if (cfg.cache == "memory" and e.feats is None)
                     or (cfg.cache == "disk" and not e.feats_path.exists())]
             if todo:
-                wav, lengths = pad_batch([e.wav() for e in todo], WAV_PAD_MULTIPLE)
+                wav, lengths = data.pad_batch([e.wav() for e in todo], data.WAV_PAD_MULTIPLE)
                 feats, frame_lengths = seal.encode(wav.to(device), lengths.to(device))
                 for j, e in enumerate(todo):
                     f = feats[j, : frame_lengths[j]].float().cpu().clone()  # (L, C_enc)
@@ -304,11 +287,11 @@ def fill_caches(seal: Seal, examples: list[Example], cfg: TrainConfig, device: t
 def batch_features(seal: Seal, batch: list[Example], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded encoder features (B, T, C) and frame lengths of a batch: cached, or by running the encoder."""
     if batch[0].feats is not None:
-        feats, lengths = pad_batch([e.feats for e in batch])
+        feats, lengths = data.pad_batch([e.feats for e in batch])
     elif batch[0].feats_path is not None:
-        feats, lengths = pad_batch([torch.load(e.feats_path, weights_only=True) for e in batch])
+        feats, lengths = data.pad_batch([torch.load(e.feats_path, weights_only=True) for e in batch])
     else:
-        wav, lengths = pad_batch([e.wav() for e in batch], WAV_PAD_MULTIPLE)
+        wav, lengths = data.pad_batch([e.wav() for e in batch], data.WAV_PAD_MULTIPLE)
         return seal.encode(wav.to(device), lengths.to(device))
     return feats.to(device), lengths.to(device)
 
@@ -904,10 +887,10 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     bar = tqdm(range(cfg.hubert_steps), desc="tiny-hubert", unit="step")
     for step in bar:
         idx = torch.randint(len(wavs), (cfg.hubert_batch,), generator=g).tolist()
-        wav, lengths = pad_batch([wavs[i] for i in idx], WAV_PAD_MULTIPLE)
+        wav, lengths = data.pad_batch([wavs[i] for i in idx], data.WAV_PAD_MULTIPLE)
         frame_lengths = model.frame_lengths(lengths)
         # targets and mask are drawn over the real frames, then padded to the model's frame count: the
-        # random draws, and so the trained encoder, do not depend on WAV_PAD_MULTIPLE
+        # random draws, and so the trained encoder, do not depend on data.WAV_PAD_MULTIPLE
         T = int(frame_lengths.max())
         # the MFCC frames (25 ms windows) and the model's frames share their 20 ms hop and start; their
         # counts can differ by a frame at the end, where the target is then "ignore" (-100)
@@ -1016,12 +999,12 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
         todo = [i for i, f in enumerate(feats) if f is None]
         for start in tqdm(range(0, len(todo), 32), desc=f"table: encoding {name}", disable=not todo):
             batch = todo[start : start + 32]
-            wav, lengths = pad_batch([split[i]["wav"] for i in batch], WAV_PAD_MULTIPLE)
+            wav, lengths = data.pad_batch([split[i]["wav"] for i in batch], data.WAV_PAD_MULTIPLE)
             encoded, frames = seals["Seal (KL)"].encode(wav, lengths)  # (B, T, C_enc), (B,)
             for j, i in enumerate(batch):
                 feats[i] = encoded[j, : frames[j]]
         for start in range(0, len(feats), 32):
-            padded, frames = pad_batch(feats[start : start + 32])
+            padded, frames = data.pad_batch(feats[start : start + 32])
             for row, seal in seals.items():
                 inputs[row][name] += seal.speech_embeds(padded, frames)
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import data
-from data import (SAMPLE_RATE, AudioError, FluentSpeechCommands, LengthBucketSampler, LibriSpeech,
-                  Manifest, Slurp, Voice, collate, load_audio, read_wav, resample, write_wav)
+from data import (SAMPLE_RATE, WAV_PAD_MULTIPLE, AudioError, FluentSpeechCommands, LengthBucketSampler, LibriSpeech,
+                  Manifest, Slurp, Voice, collate, load_audio, pad_batch, read_wav, resample, write_wav)
+from encoder import HuBERT, HuBERTConfig
 
 sf = pytest.importorskip("soundfile")
 
@@ -285,6 +286,23 @@ def test_resample_batch_matches_items_and_upsampling_interpolates():
 # ---------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------
+
+def test_pad_batch_rounds_up_and_the_encoder_ignores_the_extra_padding():
+    g = torch.Generator().manual_seed(0)
+    wavs = [0.1 * torch.randn(n, generator=g) for n in (4000, 7001, 5555)]
+    plain, lengths = pad_batch(wavs)
+    rounded, same = pad_batch(wavs, WAV_PAD_MULTIPLE)
+    assert plain.shape == (3, 7001) and rounded.shape == (3, 3 * WAV_PAD_MULTIPLE)
+    assert torch.equal(same, lengths) and torch.equal(rounded[:, :7001], plain) and not rounded[:, 7001:].any()
+    assert pad_batch(wavs[:1], 4000)[0].shape == (1, 4000)  # already a multiple: no extra column
+    torch.manual_seed(0)
+    encoder = HuBERT(HuBERTConfig.preset("hubert-tiny")).eval()
+    with torch.no_grad():
+        (a, frames), (b, frames_b) = encoder(plain, lengths), encoder(rounded, lengths)
+    assert torch.equal(frames, frames_b) and b.shape[1] > a.shape[1]
+    for i, n in enumerate(frames.tolist()):
+        torch.testing.assert_close(b[i, :n], a[i, :n], atol=1e-5, rtol=1e-4)
+
 
 def test_collate_pads_and_returns_lengths():
     items = [{"wav": torch.ones(n), "text": str(n), "label": "l", "speaker": "s", "path": "p"} for n in (3, 5, 1)]

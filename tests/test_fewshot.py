@@ -171,6 +171,18 @@ def test_generate_greedy_matches_full_forward_argmax():
         assert new == expect
 
 
+def test_speech_bank_batch_equals_items_one_by_one(speech_world):
+    # The bank pads each batch of waveforms to a multiple of data.WAV_PAD_MULTIPLE (for speed): an
+    # utterance's soft tokens and pooled features must not depend on what it was batched with.
+    seal, split = speech_world.seal, speech_world.train
+    batched, single = fewshot.SpeechBank(seal, split, batch_size=6), fewshot.SpeechBank(seal, split, batch_size=1)
+    ids = list(range(len(split)))
+    torch.testing.assert_close(batched.features(ids), single.features(ids), atol=1e-5, rtol=1e-4)
+    for a, b in zip(batched.soft_tokens(ids), single.soft_tokens(ids)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 # -----------------------------------------------------------------------------------------------
 # Demonstrations
 

@@ -15,7 +15,7 @@ from data import write_wav
 from decoder import GPT, GPTConfig, bytes_to_unicode
 from encoder import HuBERT, HuBERTConfig
 from seal import Seal
-from train import WAV_PAD_MULTIPLE, TrainConfig, build_seal, epoch_batches, lr_at, main, pad_batch, precision_policy
+from train import TrainConfig, build_seal, epoch_batches, lr_at, main, precision_policy
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ["turn", "on", "off", "the", "lights", "music", "lamp", "kitchen", "bring", "shoes", "up", "down"]
@@ -76,23 +76,6 @@ def test_schedule_batches_and_precision():
     assert all(len(x) == 8 for x in a) and len({i for x in a for i in x}) == 96
     assert precision_policy(torch.device("cpu")) == (None, False)
     assert precision_policy(torch.device("cpu"), "fp16") == (torch.float16, True)
-
-
-def test_pad_batch_rounds_up_and_the_encoder_ignores_the_extra_padding():
-    g = torch.Generator().manual_seed(0)
-    wavs = [0.1 * torch.randn(n, generator=g) for n in (4000, 7001, 5555)]
-    plain, lengths = pad_batch(wavs)
-    rounded, same = pad_batch(wavs, WAV_PAD_MULTIPLE)
-    assert plain.shape == (3, 7001) and rounded.shape == (3, 3 * WAV_PAD_MULTIPLE)
-    assert torch.equal(same, lengths) and torch.equal(rounded[:, :7001], plain) and not rounded[:, 7001:].any()
-    assert pad_batch(wavs[:1], 4000)[0].shape == (1, 4000)  # already a multiple: no extra column
-    torch.manual_seed(0)
-    encoder = HuBERT(HuBERTConfig.preset("hubert-tiny")).eval()
-    with torch.no_grad():
-        (a, frames), (b, frames_b) = encoder(plain, lengths), encoder(rounded, lengths)
-    assert torch.equal(frames, frames_b) and b.shape[1] > a.shape[1]
-    for i, n in enumerate(frames.tolist()):
-        torch.testing.assert_close(b[i, :n], a[i, :n], atol=1e-5, rtol=1e-4)
 
 
 def test_training_cuts_kl_and_keeps_encoder_and_lm_frozen(world, tmp_path):

@@ -163,9 +163,9 @@ def test_tiny_hubert_does_not_depend_on_the_padding_multiple(tmp_path, monkeypat
 
     cfg = train.WorldConfig.quick()
     weights = []
-    for multiple in (1, train.WAV_PAD_MULTIPLE):
+    for multiple in (1, data.WAV_PAD_MULTIPLE):
         monkeypatch.setenv("SEAL_CACHE", str(tmp_path / str(multiple)))
-        monkeypatch.setattr(train, "WAV_PAD_MULTIPLE", multiple)
+        monkeypatch.setattr(data, "WAV_PAD_MULTIPLE", multiple)
         out = train.world_hubert(cfg, train.world_corpus(cfg))
         weights.append(HuBERT.from_pretrained(str(out)).state_dict())
     for name, w in weights[0].items():
