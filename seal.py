@@ -279,6 +279,31 @@ class Seal(nn.Module):
         top = [(h.to(W.dtype) @ W.T).argmax(-1) for h in hidden.split(chunk_size)]  # (n, V) logits at a time
         return torch.cat(top) if top else torch.zeros(0, dtype=torch.long, device=hidden.device)
 
+    def episode_loss(self, rows: Sequence[Sequence[tuple[torch.Tensor, Sequence[int], Sequence[int]]]],
+                     separator_ids: Sequence[int], reduction: str = "mean") -> tuple[torch.Tensor, int]:
+        """KL(teacher || student) on in-context rows, at the positions predicting each line's label.
+
+        A row is a list of lines (soft tokens, transcript ids, label ids): the student reads
+        `[speech_1][sep][label_1] ... [speech_n][sep][label_n]`, the teacher the same row with each
+        transcript in place of its speech. train.match_episodes builds rows whose labels are arbitrary
+        words tied to transcripts and whose last line says an earlier line's transcript again in
+        another clip: the teacher names its label by *matching* the two lines, so the student is
+        trained to make two spoken lines match as their transcripts do (the copy KL trains reading
+        one). Returns (loss, number of label positions)."""
+        C = self.decoder.wte.weight.shape[1]
+        lines = max(len(row) for row in rows)
+
+        def at_labels(segments: list[list[Segment]]) -> torch.Tensor:  # (N, C) hidden states predicting labels
+            prompt = self.prompt(segments)
+            h = self.hidden(prompt).reshape(-1, C)
+            return h[torch.cat([prompt.predicting(3 * l + 2) for l in range(lines)])]
+
+        with torch.no_grad():
+            h_t = at_labels([[seg for _, t, y in row for seg in (list(t), separator_ids, y)] for row in rows])
+        h_s = at_labels([[seg for x, _, y in row for seg in (x, separator_ids, y)] for row in rows])
+        W = self.decoder.wte.weight  # (V, C) tied LM head
+        return fused_kl_loss(h_s, h_t, W, temperature=self.config.temperature, reduction=reduction), h_s.shape[0]
+
     # --- checkpoints: only the projector, plus the config naming what it was trained with
 
     def save_projector(self, path: str | Path) -> None:

@@ -65,6 +65,32 @@ def test_student_with_text_embeddings_equals_teacher():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_episode_loss_is_zero_for_text_embeddings_and_checks_the_label_positions():
+    seal = tiny_seal()
+    tok = CharTokenizer()
+    texts = [tok.encode(t) for t in ["lights on", "stop", "lights on"]]
+    labels = [tok.encode(" ab\n"), tok.encode(" cde\n"), tok.encode(" ab\n")]
+    sep = tok.encode(" =>")
+    emb = seal.decoder.wte.weight
+    rows = [[(emb[t], t, y) for t, y in zip(texts, labels)], [(emb[texts[1]], texts[1], labels[1])]]
+    loss, n = seal.episode_loss(rows, sep)
+    assert n == sum(map(len, labels)) + len(labels[1])  # every label's tokens, in rows of 3 and 1 lines
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)  # soft tokens = token embeddings: student == teacher
+    # perturbed soft tokens: a positive KL whose gradient reaches them, and the same number as the plain
+    # kl_loss on full logits at the positions predicting the labels of the one-row batch
+    x = (emb[texts[1]] + 3.0 * torch.randn(len(texts[1]), 64)).requires_grad_()
+    loss, n = seal.episode_loss([[(x, texts[1], labels[1])]], sep)
+    loss.backward()
+    assert float(loss.detach()) > 0 and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        student = seal.decoder(inputs_embeds=torch.cat([x, emb[sep + labels[1]]])[None])[0]  # (T, V)
+        teacher = seal.decoder(torch.tensor([texts[1] + sep + labels[1]]))[0]
+    at = lambda logits, start: logits[start - 1 : start - 1 + n]  # positions predicting the label
+    expect = kl_loss(at(student, len(texts[1]) + len(sep)), at(teacher, len(texts[1]) + len(sep)),
+                     temperature=seal.config.temperature)
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-3)
+
+
 def test_several_lines_per_row_layout_and_example_order():
     one, two = tiny_seal(), tiny_seal(lines=2)
     two.load_state_dict(one.state_dict())

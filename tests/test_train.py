@@ -3,6 +3,7 @@ Ctrl-C and NaN are handled, DDP with 2 CPU processes equals one process."""
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,28 @@ def test_schedule_batches_and_precision():
     assert all(len(x) == 8 for x in a) and len({i for x in a for i in x}) == 96
     assert precision_policy(torch.device("cpu")) == (None, False)
     assert precision_policy(torch.device("cpu"), "fp16") == (torch.float16, True)
+
+
+def test_match_episodes_tie_one_word_to_each_transcript_and_hold_out_the_last_clip():
+    groups = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17]]
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    rows = train_module.match_episodes(groups, 20, random.Random(0))
+    assert rows == train_module.match_episodes(groups, 20, random.Random(0))  # a pure function of the RNG
+    for row in rows:
+        *lines, (query, word) = row
+        words = {group_of[i]: w for i, w in lines}
+        assert len({group_of[i] for i, _ in lines}) == train_module.MATCH_WAY == len(set(words.values()))
+        assert all(words[group_of[i]] == w for i, w in lines)  # one word per transcript
+        assert words[group_of[query]] == word and query not in {i for i, _ in lines}  # a clip no line uses
+        counts = [sum(group_of[i] == g for i, _ in lines) for g in words]
+        assert all(1 <= c <= train_module.MATCH_SHOTS for c in counts)
+
+
+def test_match_rows_need_repeated_transcripts(world, tmp_path, capsys):
+    # the fixture's 24 transcripts are all different: nothing to match, a clear error before training
+    with pytest.raises(SystemExit):
+        main(argv(world, tmp_path / "m", "--match-rows", "1", "--max-steps", "2"))
+    assert "--match-rows needs --loss kl and 4 transcripts said in >= 2 clips each" in capsys.readouterr().err
 
 
 def test_training_cuts_kl_and_keeps_encoder_and_lm_frozen(world, tmp_path):
