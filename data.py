@@ -1450,9 +1450,14 @@ def transcription(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
+def label_segment(label: str) -> str:
+    """The text after FEWSHOT_SEPARATOR on a labelled line: " label\\n" (the newline ends the line)."""
+    return f" {label}\n"
+
+
 def labelled_lines(pairs: Sequence[tuple[str, str]]) -> list[str]:
     """[(utterance, label)] -> text segments: utterance, " =>", " label\\n" per line."""
-    return [s for text, label in pairs for s in (transcription(text), FEWSHOT_SEPARATOR, f" {label}\n")]
+    return [s for text, label in pairs for s in (transcription(text), FEWSHOT_SEPARATOR, label_segment(label))]
 
 
 class LMCorpus:

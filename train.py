@@ -520,8 +520,8 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
     if cfg.match_rows and (cfg.loss != "kl" or len(groups) < MATCH_WAY):
         raise UserError(f"--match-rows needs --loss kl and {MATCH_WAY} transcripts said in >= 2 clips each; "
                         f"this run has --loss {cfg.loss} and {len(groups)} such transcripts")
-    # label ids as a few-shot prompt has them: " word" then the newline that ends the line
-    label_ids = {w: seal.tokenizer.encode(f" {w}\n") for w in data.ARBITRARY_LABELS} if cfg.match_rows else {}
+    # label ids as the LM's corpus has them (data.labelled_lines): " word" then the newline that ends the line
+    label_ids = {w: seal.tokenizer.encode(data.label_segment(w)) for w in data.ARBITRARY_LABELS} if cfg.match_rows else {}
     match_sep = seal.tokenizer.encode(data.FEWSHOT_SEPARATOR) if cfg.match_rows else []
     if cfg.target == "continue":
         for split in (train_ex, held):
