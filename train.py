@@ -551,7 +551,9 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
     if cfg.resume:
         if not ckpt_path.exists():
             raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # on the CPU: the RNG states must stay CPU byte tensors (torch.set_rng_state refuses others); the optimizer
+        # moves its own state to the parameters' device, and load_state_dict copies into the projector where it is
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for key in MODEL_KEYS:
             saved = state["config"].get(key, getattr(TrainConfig, key))  # a key newer than the checkpoint: its default
             if saved != getattr(cfg, key):
