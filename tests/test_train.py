@@ -58,7 +58,9 @@ def world(tmp_path_factory) -> dict:
 
 
 def argv(world: dict, out: Path, *extra: str) -> list[str]:
-    return ["--encoder", world["enc"], "--lm", world["lm"], "--data", world["data"], "--out-dir", str(out),
+    # On the CPU even where a GPU is visible: these tests compare against CPU tensors and exact resumes
+    # (test_cuda.py runs train() on the GPU, with "--device cuda" among `extra`, which wins).
+    return ["--encoder", world["enc"], "--lm", world["lm"], "--data", world["data"], "--out-dir", str(out), "--device", "cpu",
             "--rate", "2", "--projector-hidden", "64", "--batch-size", "8", "--eval-size", "8", "--lr", "3e-3",
             "--warmup-steps", "3", "--no-progress", *extra]
 
@@ -114,6 +116,16 @@ def test_training_cuts_kl_and_keeps_encoder_and_lm_frozen(world, tmp_path):
     train_losses = [r["loss"] for r in metrics(tmp_path) if "loss" in r]
     assert sum(train_losses[-5:]) < 0.3 * sum(train_losses[:5]), train_losses
     assert (tmp_path / "projector.safetensors").exists() and (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_numbers(world, tmp_path):
+    # --compile (torch.compile of the LM and the projector) must not change what is computed: the eval KL
+    # before training and after 3 and 6 steps, eager against compiled.
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        main(argv(world, tmp_path / name, "--max-steps", "6", "--eval-every", "3", *extra))
+    eager, compiled = ([r["eval_kl"] for r in metrics(tmp_path / n) if "eval_kl" in r] for n in ("eager", "compiled"))
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-3), (eager, compiled)
 
 
 def test_resume_after_ctrl_c_is_exact(world, tmp_path, monkeypatch, capsys):
