@@ -473,6 +473,8 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
 
 def test_synthetic_sets_are_reproducible_from_the_seed(synth_dir, tmp_path):
     # same seed and voices: identical index files and audio (rendered anew: no cache given)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     data.main(["synth", "--out", str(tmp_path), "--n-train", "6", "--n-valid", "3", "--n-test", "3",
                "--voices", "2,2,2", "--seed", "7", "--sets", "fsc", "--no-cache"])
     a, b = synth_dir / "fluent_speech_commands_dataset", tmp_path / "fluent_speech_commands_dataset"
@@ -481,6 +483,8 @@ def test_synthetic_sets_are_reproducible_from_the_seed(synth_dir, tmp_path):
     files = sorted(p.relative_to(a) for p in a.rglob("*.wav"))
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.wav")) and len(files) == 12
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert torch.get_num_threads() == 2  # rendering runs this process on one thread, then restores the count
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
