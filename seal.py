@@ -257,10 +257,22 @@ class Seal(nn.Module):
         ce: PSRT, cross-entropy of t after [speech][sep].
         reduction "sum" lets the caller normalize by a token count spanning several micro-batches.
         """
+        return self.speech_loss(self.speech_embeds(feats, lengths), text_ids, target_ids, teacher_hidden, reduction)
+
+    def speech_loss(
+        self,
+        speech: Sequence[torch.Tensor],
+        text_ids: Sequence[Sequence[int]],
+        target_ids: Sequence[Sequence[int]] | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, int]:
+        """loss() from soft tokens already projected (one (L_i, C) tensor per example): for a caller that
+        projects more clips in the same projector call (train.py's match rows, under DDP)."""
         targets = target_ids if target_ids is not None else text_ids
         if self.config.loss == "ce":
             targets = text_ids  # PSRT always predicts the transcript
-        h_s = self.student_hidden(self.speech_embeds(feats, lengths), targets)  # (N, C)
+        h_s = self.student_hidden(speech, targets)  # (N, C)
         n = h_s.shape[0]
         W = self.decoder.wte.weight  # (V, C) tied LM head
         if self.config.loss == "kl":

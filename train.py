@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class TrainConfig:
     projector_hidden: int = 2048
     match_embedding_norm: bool = False  # soft tokens rescaled to the LM's mean token-embedding norm
     lines: int = 1  # utterances per training row, one line each (SealConfig.lines)
-    match_rows: int = 0  # extra KL rows per micro-batch built to be solved by matching lines (match_episodes)
+    match_rows: int = 0  # extra KL rows per step, over all ranks and micro-batches, solved by matching lines (match_episodes)
     # optimization
     batch_size: int = 16  # global batch: examples per optimizer step, over all ranks and accumulation steps
     grad_accum: int = 1
@@ -464,12 +464,18 @@ def load_data(cfg: TrainConfig, tokenizer: GPT2Tokenizer | SentencePieceTokenize
     return train, held
 
 
+def line_lengths(seal: Seal, examples: list[Example], tail: Callable[[Example], int]) -> list[int]:
+    """Positions each example takes as a line of a row: its speech (student) or transcript (teacher), whichever
+    is longer, then tail(example) tokens."""
+    soft = seal.projector_module.output_lengths(seal.encoder.frame_lengths(torch.tensor([e.n_samples for e in examples])))
+    return [max(int(s), len(e.text_ids)) + tail(e) for s, e in zip(soft, examples)]
+
+
 def check_row_fits(seal: Seal, examples: list[Example], lines: int) -> None:
     """Refuse, before any training, --lines whose longest possible row exceeds the LM's context."""
-    soft = seal.projector_module.output_lengths(seal.encoder.frame_lengths(torch.tensor([e.n_samples for e in examples])))
-    per_line = [max(int(s), len(e.text_ids)) + len(seal.sep_ids) + len(e.target_ids) + len(seal.newline_ids)
-                for s, e in zip(soft, examples)]  # speech (student) or transcript (teacher), whichever is longer
-    worst = sum(sorted(per_line)[-lines:]) - len(seal.newline_ids)
+    # a line is [speech][sep][o][newline]; the row's last line has no newline
+    tail = len(seal.sep_ids) + len(seal.newline_ids)
+    worst = sum(sorted(line_lengths(seal, examples, lambda e: tail + len(e.target_ids)))[-lines:]) - len(seal.newline_ids)
     context = seal.decoder.config.block_size
     if worst > context:
         raise UserError(f"--lines {lines}: the longest row takes {worst} positions, more than the LM's context of "
@@ -514,15 +520,21 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
     train_ex, held = examples or load_data(cfg, seal.tokenizer)
     check_row_fits(seal, train_ex + held, cfg.lines)
     groups = match_groups(train_ex) if cfg.match_rows else []
-    if cfg.match_rows and world > 1:
-        # the match term calls the projector a second time before backward, which DDP does not allow
-        raise UserError("--match-rows is not supported under torchrun yet; train on one process")
     if cfg.match_rows and (cfg.loss != "kl" or len(groups) < MATCH_WAY):
         raise UserError(f"--match-rows needs --loss kl and {MATCH_WAY} transcripts said in >= 2 clips each; "
                         f"this run has --loss {cfg.loss} and {len(groups)} such transcripts")
     # label ids as the LM's corpus has them (data.labelled_lines): " word" then the newline that ends the line
     label_ids = {w: seal.tokenizer.encode(data.label_segment(w)) for w in data.ARBITRARY_LABELS} if cfg.match_rows else {}
     match_sep = seal.tokenizer.encode(data.FEWSHOT_SEPARATOR) if cfg.match_rows else []
+    if cfg.match_rows:
+        # A match row's lines are [speech][sep][label + newline], at most MATCH_SHOTS + 1 clips of each of MATCH_WAY
+        # transcripts: bounded by the MATCH_WAY transcripts whose longest such clips take the most positions.
+        lengths = line_lengths(seal, train_ex, lambda e: len(match_sep) + max(map(len, label_ids.values())))
+        per_group = sorted(sum(sorted(lengths[i] for i in g)[-(MATCH_SHOTS + 1):]) for g in groups)
+        worst, context = sum(per_group[-MATCH_WAY:]), seal.decoder.config.block_size
+        if worst > context:
+            raise UserError(f"--match-rows: a match row ({MATCH_WAY} transcripts, up to {MATCH_SHOTS + 1} clips each) can "
+                            f"take {worst} positions, more than the LM's context of {context}")
     if cfg.target == "continue":
         for split in (train_ex, held):
             continuation_targets(seal, split, cfg.continue_tokens, cfg.batch_size, device, cfg.progress and rank == 0)
@@ -606,10 +618,11 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
             micro = [mine[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
             # Normalize by the target tokens of the whole global batch (all ranks, all micro-batches):
             # then the summed gradients equal those of one big batch on one process.
-            # Match rows: drawn from (seed, step, rank, micro-batch) alone, so that --resume redraws them.
-            episodes = [match_episodes(groups, cfg.match_rows, random.Random(f"match {cfg.seed} {step} {rank} {k}"))
-                        for k in range(cfg.grad_accum)] if cfg.match_rows else []
-            n_match = sum(len(label_ids[w]) for eps in episodes for row in eps for _, w in row)
+            # Match rows: drawn from (seed, step) alone, so that --resume redraws them, and dealt out like the
+            # batch (rank, then micro-batch), so that N ranks train on exactly the rows of one process.
+            rows = match_episodes(groups, cfg.match_rows, random.Random(f"match {cfg.seed} {step}"))[rank::world]
+            episodes = [rows[k :: cfg.grad_accum] for k in range(cfg.grad_accum)]
+            n_match = sum(len(label_ids[w]) for row in rows for _, w in row)
             (n_global, m_global) = all_reduce_sum([float(sum(len(e.target_ids) for e in mine)), float(n_match)], device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -617,18 +630,19 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
             loss_sum = 0.0
             for k, mb in enumerate(micro):
                 sync = k == len(micro) - 1 or world == 1
+                clips = sorted({i for row in episodes[k] for i, _ in row})  # the clips of this micro-batch's match rows
                 with (contextlib.nullcontext() if sync else seal.projector.no_sync()):
                     with autocast(device, amp_dtype):
-                        feats, lengths = batch_features(seal, mb, device)
+                        # One projector call for the batch and the match clips: DDP allows one forward per backward.
+                        speech = seal.speech_embeds(*batch_features(seal, mb + [train_ex[i] for i in clips], device))
                         teacher = torch.cat([e.teacher for e in mb]).to(device) if mb[0].teacher is not None else None
-                        loss, _ = seal.loss(feats, lengths, [e.text_ids for e in mb], [e.target_ids for e in mb],
-                                            teacher_hidden=teacher, reduction="sum")
+                        loss, _ = seal.speech_loss(speech[: len(mb)], [e.text_ids for e in mb], [e.target_ids for e in mb],
+                                                   teacher_hidden=teacher, reduction="sum")
                         loss = loss * (world / n_global)  # DDP averages over ranks; undo that, divide by tokens
-                        if episodes:  # the match term, its own mean over label positions, added with weight 1
-                            clips = sorted({i for row in episodes[k] for i, _ in row})
-                            soft = dict(zip(clips, seal.speech_embeds(*batch_features(seal, [train_ex[i] for i in clips], device))))
-                            rows = [[(soft[i], train_ex[i].text_ids, label_ids[w]) for i, w in row] for row in episodes[k]]
-                            match_loss, _ = seal.episode_loss(rows, match_sep, reduction="sum")
+                        if episodes[k]:  # the match term, its own mean over label positions, added with weight 1
+                            soft = dict(zip(clips, speech[len(mb):]))
+                            lines = [[(soft[i], train_ex[i].text_ids, label_ids[w]) for i, w in row] for row in episodes[k]]
+                            match_loss, _ = seal.episode_loss(lines, match_sep, reduction="sum")
                             loss = loss + match_loss * (world / m_global)
                     scaler.scale(loss).backward()
                 loss_sum += float(loss.detach()) / world
@@ -771,7 +785,8 @@ class WorldConfig:
     # of an earlier line's transcript), per step; the KL (Seal) projector only. Off: 2 of them with 4 copy rows (76
     # clips) gave Seal's arbitrary-label k = 5 accuracy 81.0%, 83.1%, 78.9% of the oracle's at projector seeds 0, 1, 2
     # (mean 81.0%) against 79.3%, 82.3%, 80.3% (mean 80.6%) with 5 copy rows, in about the same time, and natural
-    # labels 82.6% against 85.0% on average (README)
+    # labels 82.6% against 85.0% on average (README; measured before the rows were drawn per step instead of per
+    # micro-batch and rank, which draws other rows)
     seal_match_rows: int = 0
     seal_lr: float = 1e-3
     # KL temperature T (REFERENCE.md): the student matches the teacher's softened distribution, so the words the
@@ -1180,8 +1195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "max_seconds": "skip (and count) longer utterances",
         "match_embedding_norm": "rescale every soft token to the LM's mean token-embedding norm",
         "lines": "utterances per training row, one '[speech][sep][o]' line each, as in few-shot prompts",
-        "match_rows": "KL only: per micro-batch, this many extra rows of '[speech] => word' lines whose last line repeats "
-                      "an earlier line's transcript in another clip (needs transcripts said in >= 2 clips)",
+        "match_rows": "KL only: per step (over all ranks and micro-batches), this many extra rows of '[speech] => word' "
+                      "lines whose last line repeats an earlier line's transcript in another clip (needs transcripts said "
+                      "in >= 2 clips)",
     }
     choices = {"loss": ["kl", "ce"], "target": ["copy", "continue"], "projector_mode": ["stack", "conv"], "cache": ["memory", "disk", "none"],
                "precision": ["auto", "fp32", "bf16", "fp16"]}

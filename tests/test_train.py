@@ -32,20 +32,33 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """A tiny LM (byte-level vocabulary), a tiny HuBERT and a manifest of 24 noise 'utterances'."""
-    root = tmp_path_factory.mktemp("world")
-    g = torch.Generator().manual_seed(0)
+def save_byte_lm(path: Path, block_size: int, g: torch.Generator) -> None:
+    """A tiny GPT with a byte-level vocabulary (one token per byte), saved with its tokenizer files."""
     torch.manual_seed(0)
-    lm = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
+    lm = GPT(GPTConfig(block_size=block_size, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
     with torch.no_grad():  # larger weights than GPT-2's init, so that the next-token distributions depend on the context
         lm.wte.weight.normal_(0, 1.0, generator=g)
         for block in lm.h:
             block.attn.c_attn.weight.normal_(0, 0.2, generator=g)
             block.attn.c_proj.weight.normal_(0, 0.2, generator=g)
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    lm.save_pretrained(root / "lm", extra_files={"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"})
+    lm.save_pretrained(path, extra_files={"vocab.json": json.dumps(vocab), "merges.txt": "#version: 0.2\n"})
+
+
+def repeats_manifest(world: dict, path: Path) -> str:
+    """The fixture's clips under 6 transcripts said 4 times each, so that match rows (--match-rows) can be drawn."""
+    lines = [json.dumps({"audio": str(world["root"] / f"u{i}.wav"), "text": " ".join(WORDS[i % 6: i % 6 + 3])})
+             for i in range(24)]
+    path.write_text("\n".join(lines) + "\n")
+    return f"manifest:{path}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A tiny LM (byte-level vocabulary), a tiny HuBERT and a manifest of 24 noise 'utterances'."""
+    root = tmp_path_factory.mktemp("world")
+    g = torch.Generator().manual_seed(0)
+    save_byte_lm(root / "lm", 128, g)
     HuBERT(HuBERTConfig.preset("hubert-tiny")).save_pretrained(root / "enc")
     lines = []
     for i in range(24):
@@ -101,6 +114,10 @@ def test_match_rows_need_repeated_transcripts(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv(world, tmp_path / "m", "--match-rows", "1", "--max-steps", "2"))
     assert "--match-rows needs --loss kl and 4 transcripts said in >= 2 clips each" in capsys.readouterr().err
+    # with repeated transcripts, but rows of up to 16 clips that cannot fit the LM's 128 positions: refused up front
+    with pytest.raises(SystemExit):
+        main(argv({**world, "data": repeats_manifest(world, tmp_path / "r.jsonl")}, tmp_path / "m", "--match-rows", "1"))
+    assert "--match-rows: a match row (4 transcripts, up to 5 clips each) can take" in capsys.readouterr().err
 
 
 def test_training_cuts_kl_and_keeps_encoder_and_lm_frozen(world, tmp_path):
@@ -243,7 +260,11 @@ def test_user_errors_exit_2(world, tmp_path, capsys):
 
 @pytest.mark.slow  # ~35 s on a loaded 2-core machine: three process start-ups with model loading
 def test_torchrun_two_cpu_ranks_equal_single_process(world, tmp_path):
-    common = argv(world, tmp_path, "--max-steps", "6", "--eval-every", "100", "--save-every", "100")
+    # With match rows (repeated transcripts, an LM whose context holds a match row): the ranks must share them
+    # out as they share the batch, with one projector call per backward.
+    save_byte_lm(tmp_path / "lm1024", 1024, torch.Generator().manual_seed(0))
+    world = {**world, "lm": str(tmp_path / "lm1024"), "data": repeats_manifest(world, tmp_path / "repeats.jsonl")}
+    common = argv(world, tmp_path, "--max-steps", "6", "--eval-every", "100", "--save-every", "100", "--match-rows", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     single = [*common, "--out-dir", str(tmp_path / "single")]
     subprocess.run([sys.executable, str(REPO / "train.py"), *single], check=True, env=env, timeout=300)
