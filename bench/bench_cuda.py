@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64], help="clips per step (default 16 64)")
     p.add_argument("--seconds", type=float, default=4.0, help="clip length (default 4 s)")
     p.add_argument("--text-tokens", type=int, default=16, help="tokens in t (= o), default 16")
-    p.add_argument("--modes", nargs="+", default=["encoder", "cached+teacher"], choices=["encoder", "cached+teacher"])
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--modes", nargs="+", default=["encoder", "cached+teacher"], choices=["encoder", "cached+teacher"],
+                   help="encoder: run the encoder and teacher every step; cached+teacher: train.py's default (both)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"],
+                   help="train.py --precision values to compare (default all three)")
     p.add_argument("--kl-tokens", type=int, default=4096, help="tokens in the KL benchmark (default 4096)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (default 10)")
