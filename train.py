@@ -482,6 +482,27 @@ def check_row_fits(seal: Seal, examples: list[Example], lines: int) -> None:
                         f"{context}; lower --lines")
 
 
+def match_row_setup(seal: Seal, examples: list[Example], loss: str) -> tuple[list[list[int]], dict[str, list[int]], list[int]]:
+    """--match-rows: (transcript groups, label ids per word, separator ids), after refusing, before any training,
+    a run whose rows cannot be drawn or could exceed the LM's context."""
+    groups = match_groups(examples)
+    if loss != "kl" or len(groups) < MATCH_WAY:
+        raise UserError(f"--match-rows needs --loss kl and {MATCH_WAY} transcripts said in >= 2 clips each; "
+                        f"this run has --loss {loss} and {len(groups)} such transcripts")
+    # label ids as the LM's corpus has them (data.labelled_lines): " word" then the newline that ends the line
+    label_ids = {w: seal.tokenizer.encode(data.label_segment(w)) for w in data.ARBITRARY_LABELS}
+    sep = seal.tokenizer.encode(data.FEWSHOT_SEPARATOR)
+    # A row's lines are [speech][sep][label + newline], at most MATCH_SHOTS + 1 clips of each of MATCH_WAY
+    # transcripts: bounded by the MATCH_WAY transcripts whose longest such clips take the most positions.
+    lengths = line_lengths(seal, examples, lambda e: len(sep) + max(map(len, label_ids.values())))
+    per_group = sorted(sum(sorted(lengths[i] for i in g)[-(MATCH_SHOTS + 1):]) for g in groups)
+    worst, context = sum(per_group[-MATCH_WAY:]), seal.decoder.config.block_size
+    if worst > context:
+        raise UserError(f"--match-rows: a match row ({MATCH_WAY} transcripts, up to {MATCH_SHOTS + 1} clips each) can "
+                        f"take {worst} positions, more than the LM's context of {context}")
+    return groups, label_ids, sep
+
+
 def check_seal_matches(seal: Seal, cfg: TrainConfig) -> None:
     """Refuse a given Seal built with other model settings than cfg: the loss follows the Seal's config, while
     the checkpoint records cfg, so a mismatch would train one model and describe another."""
@@ -519,22 +540,7 @@ def train(cfg: TrainConfig, seal: Seal | None = None,
     seal = (seal or build_seal(cfg, device)).to(device)
     train_ex, held = examples or load_data(cfg, seal.tokenizer)
     check_row_fits(seal, train_ex + held, cfg.lines)
-    groups = match_groups(train_ex) if cfg.match_rows else []
-    if cfg.match_rows and (cfg.loss != "kl" or len(groups) < MATCH_WAY):
-        raise UserError(f"--match-rows needs --loss kl and {MATCH_WAY} transcripts said in >= 2 clips each; "
-                        f"this run has --loss {cfg.loss} and {len(groups)} such transcripts")
-    # label ids as the LM's corpus has them (data.labelled_lines): " word" then the newline that ends the line
-    label_ids = {w: seal.tokenizer.encode(data.label_segment(w)) for w in data.ARBITRARY_LABELS} if cfg.match_rows else {}
-    match_sep = seal.tokenizer.encode(data.FEWSHOT_SEPARATOR) if cfg.match_rows else []
-    if cfg.match_rows:
-        # A match row's lines are [speech][sep][label + newline], at most MATCH_SHOTS + 1 clips of each of MATCH_WAY
-        # transcripts: bounded by the MATCH_WAY transcripts whose longest such clips take the most positions.
-        lengths = line_lengths(seal, train_ex, lambda e: len(match_sep) + max(map(len, label_ids.values())))
-        per_group = sorted(sum(sorted(lengths[i] for i in g)[-(MATCH_SHOTS + 1):]) for g in groups)
-        worst, context = sum(per_group[-MATCH_WAY:]), seal.decoder.config.block_size
-        if worst > context:
-            raise UserError(f"--match-rows: a match row ({MATCH_WAY} transcripts, up to {MATCH_SHOTS + 1} clips each) can "
-                            f"take {worst} positions, more than the LM's context of {context}")
+    groups, label_ids, match_sep = match_row_setup(seal, train_ex, cfg.loss) if cfg.match_rows else ([], {}, [])
     if cfg.target == "continue":
         for split in (train_ex, held):
             continuation_targets(seal, split, cfg.continue_tokens, cfg.batch_size, device, cfg.progress and rank == 0)
