@@ -37,6 +37,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -887,12 +888,91 @@ def train_tokenizer(corpus, out: Path, vocab_size: int, n_docs: int = 20_000) ->
         user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2)
 
 
-def world_lm(cfg: WorldConfig) -> Path:
+FEWSHOT_LINE = "{input}" + data.FEWSHOT_SEPARATOR + " {label}\n"  # the micro world's few-shot template
+
+
+def demo_intents(train_labels: Sequence[str], k: int) -> list[str]:
+    """The intents with at least k train utterances, which can show k demonstrations."""
+    counts = Counter(train_labels)
+    return sorted(y for y, n in counts.items() if n >= k)
+
+
+@torch.no_grad()
+def few_shot_accuracy(lm: GPT, tok, inputs: dict[str, list], labels: dict[str, list[str]], intents: Sequence[str],
+                      n_way: int, k: int, arbitrary: bool, seed: int, n_queries: int, query_split: str = "test",
+                      bar: tqdm | None = None) -> float:
+    """N-way k-shot intent accuracy of `lm` on n_queries utterances of `query_split`.
+
+    An episode draws N of `intents` and, from the train split, k demonstrations of each (N * k lines,
+    shuffled); the query is an utterance of one of the N, and the answer is the best of the N labels by
+    log-likelihood (fewshot.rank_scores; chance = 1/N). Labels are either natural ("activate lights
+    kitchen") or arbitrary words drawn per episode ("walnut"): then 0-shot is chance by construction and
+    everything above it is learned in context. `inputs[split][i]` is utterance i as token ids (text) or
+    soft tokens (speech); the episodes depend only on `labels` and `seed`, not on the inputs."""
+    from fewshot import Template, rank_scores  # the evaluation file, read after this one
+
+    eligible = [q for q, y in enumerate(labels[query_split]) if y in intents]
+    if not eligible:
+        raise UserError(f"no {query_split} utterance has one of the {len(intents)} intents with {k} train utterances")
+    template = Template.parse(FEWSHOT_LINE)
+    between = tok.encode(template.between)
+    by_intent: dict[str, list[int]] = {}
+    for i, y in enumerate(labels["train"]):
+        by_intent.setdefault(y, []).append(i)
+    rng = random.Random(seed)
+    queries = rng.sample(eligible, min(n_queries, len(eligible)))
+    correct = 0
+    for start in range(0, len(queries), 16):
+        prompts, golds = [], []
+        for q in queries[start: start + 16]:
+            gold = labels[query_split][q]
+            chosen = [gold] + rng.sample([y for y in intents if y != gold], n_way - 1)
+            names = rng.sample(data.ARBITRARY_LABELS, n_way) if arbitrary else chosen
+            demos = [(j, n) for y, n in zip(chosen, names) for j in rng.sample(by_intent[y], k)]
+            rng.shuffle(demos)
+            segs = []
+            for j, n in demos:
+                segs += [inputs["train"][j], between, tok.encode(template.candidate(n))]
+            prompts.append(segs + [inputs[query_split][q], between])
+            golds.append([tok.encode(template.candidate(n)) for n in names])
+        # the batch shares one candidate list; each query is scored on its own N labels
+        candidates = sorted({tuple(c) for g in golds for c in g})
+        index = {c: i for i, c in enumerate(candidates)}
+        scores = rank_scores(lm, build_prompt(prompts, lm.wte), candidates)  # (B, n_candidates)
+        for b, g in enumerate(golds):
+            own = scores[b, [index[tuple(c)] for c in g]]  # (N,), the gold label first
+            correct += int(own.argmax()) == 0
+        if bar is not None:
+            bar.update(len(prompts))
+    return correct / len(queries)
+
+
+LM_CHECKS = 12  # times the LM's in-context accuracy on text is measured while it trains (the bar's "icl")
+LM_CHECK_QUERIES = 100  # valid-split queries per check: 0.5-0.7 s each at the default sizes (measured)
+LM_FEW_SHOT_MIN = 0.5  # the LM stage warns if its final check is not this share of the way from chance to 100%
+
+
+def lm_check(cfg: WorldConfig, corpus: Path, tok) -> tuple[str, Callable[[GPT], float]]:
+    """What the LM stage watches: k-shot accuracy on *text* (train demonstrations, valid queries), with
+    arbitrary labels if the LM's corpus has them (only in-context copying is right), else natural ones."""
+    splits = {name: data.FluentSpeechCommands(corpus, name).rows for name in ("train", "valid")}
+    texts = {name: [tok.encode(r["text"]) for r in rows] for name, rows in splits.items()}
+    labels = {name: [r["label"] for r in rows] for name, rows in splits.items()}
+    k, arbitrary = max(cfg.shots), cfg.lm_arbitrary > 0
+    intents = demo_intents(labels["train"], k)
+    name = f"{cfg.n_way}-way {k}-shot accuracy on text, {'arbitrary' if arbitrary else 'natural'} labels"
+    return name, lambda lm: few_shot_accuracy(lm, tok, texts, labels, intents, cfg.n_way, k, arbitrary,
+                                              cfg.seed, LM_CHECK_QUERIES, query_split="valid")
+
+
+def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     """Stage 2: tokenizer + tiny GPT, pre-trained with next-token loss on every token of the corpus.
 
     The loss covers every token, not just the labels: predicting the second half of a copy and the
-    repeated labels of an episode is what makes induction heads appear (a sudden drop of the loss
-    after some hundreds of steps); label-only loss only teaches "some label from the context"."""
+    repeated labels of an episode is what makes induction heads appear; label-only loss only teaches
+    "some label from the context". In-context learning then appears suddenly, late in training: the
+    bar's "icl" (lm_check, measured LM_CHECKS times on the corpus's text) stays near chance, then jumps
+    (at the default sizes: 20-27% up to step 2,250, then 60% at 2,500, 83% at 2,750, 94% at 3,000)."""
     out = cfg.cache / "tiny-lm"
     if stage_matches(out, cfg, "lm"):
         return out
@@ -907,14 +987,16 @@ def world_lm(cfg: WorldConfig) -> Path:
     model = GPT(GPTConfig(block_size=cfg.lm_context, vocab_size=tok.vocab_size, n_layer=cfg.lm_layers,
                           n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    corpus = data.LMCorpus(grammar, seed=cfg.seed, arbitrary=cfg.lm_arbitrary)
+    text_corpus = data.LMCorpus(grammar, seed=cfg.seed, arbitrary=cfg.lm_arbitrary)
     buffer: list[int] = []
+    check_name, check = lm_check(cfg, corpus, tok)
+    shown: dict[str, str] = {}  # the bar's figures
     bar = tqdm(range(cfg.lm_steps), desc="tiny-lm", unit="step")
     for step in bar:
         rows = []
         for _ in range(cfg.lm_batch):  # documents packed back to back, </s> between them
             while len(buffer) < cfg.lm_seq + 1:
-                buffer += [i for seg in corpus.document() for i in tok.encode(seg)] + [tok.eot_id]
+                buffer += [i for seg in text_corpus.document() for i in tok.encode(seg)] + [tok.eot_id]
             rows.append(buffer[: cfg.lm_seq + 1])
             buffer = buffer[cfg.lm_seq + 1:]
         x = torch.tensor(rows)  # (B, T + 1)
@@ -934,7 +1016,18 @@ def world_lm(cfg: WorldConfig) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % max(1, cfg.lm_steps // LM_CHECKS) == 0 or step + 1 == cfg.lm_steps:
+            model.eval()
+            icl = check(model)  # no random draws from torch: the LM trains the same with or without it
+            model.train()
+            shown["icl"] = f"{icl:.0%}"
+        bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+    chance = 1 / cfg.n_way
+    tqdm.write(f"tiny-lm: {check_name}: {icl:.0%} (chance {chance:.0%})")
+    if icl < chance + LM_FEW_SHOT_MIN * (1 - chance):
+        tqdm.write(f"tiny-lm: warning: this LM is not a few-shot learner ({icl:.0%}, under {LM_FEW_SHOT_MIN:.0%} of "
+                   f"the way from chance to 100%), so the table's speech rows cannot show in-context learning either; "
+                   f"its in-context learning may need more steps (WorldConfig.lm_steps = {cfg.lm_steps})")
     model.save_pretrained(tmp, extra_files={"tokenizer.model": (tmp / "tokenizer.model").read_bytes()})
     write_stamp(tmp, cfg, "lm")
     os.replace(tmp, out)
@@ -1046,22 +1139,13 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
 
 @torch.no_grad()
 def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()) -> dict:
-    """Stage 5: N-way k-shot intent accuracy on the test split (voices never heard in training).
-
-    An episode draws N of the 31 intents and, from the train split, k demonstrations of each (N * k
-    lines, shuffled); the query is a test utterance of one of the N, and the answer is the best of
-    the N labels by log-likelihood (fewshot.rank_scores; chance = 1/N). Labels are either natural
-    ("activate lights kitchen") or arbitrary words drawn per episode ("walnut"): then 0-shot is chance
-    by construction and everything above it is learned in context. Rows: the text oracle (the true
+    """Stage 5: N-way k-shot intent accuracy on the test split (voices never heard in training), with
+    natural and arbitrary labels (few_shot_accuracy), for four rows: the text oracle (the true
     transcripts in place of speech), Seal (KL), PSRT (CE) and an untrained projector (the floor).
     `examples`: train-split examples whose encoder features are already computed (world_examples).
     """
-    from fewshot import Template, rank_scores  # the evaluation file, read after this one
-
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     hubert = HuBERT.from_pretrained("tiny-hubert")
-    template = Template.parse("{input}" + data.FEWSHOT_SEPARATOR + " {label}\n")
-    between = tok.encode(template.between)
     splits = {name: data.FluentSpeechCommands(corpus, name) for name in ("train", "test")}
     texts = {name: [tok.encode(r["text"]) for r in s.rows] for name, s in splits.items()}
     labels = {name: [r["label"] for r in s.rows] for name, s in splits.items()}
@@ -1094,46 +1178,18 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
             for row, seal in seals.items():
                 inputs[row][name] += seal.speech_embeds(padded, frames)
 
-    by_intent: dict[str, list[int]] = {}
-    for i, y in enumerate(labels["train"]):
-        by_intent.setdefault(y, []).append(i)
     # intents with enough train utterances for k demonstrations (all 31 at the default sizes)
-    intents = sorted(y for y, rows in by_intent.items() if len(rows) >= max(cfg.shots))
-    eligible = [q for q, y in enumerate(labels["test"]) if y in intents]
-    if len(intents) < cfg.n_way or not eligible:
+    intents = demo_intents(labels["train"], max(cfg.shots))
+    if len(intents) < cfg.n_way or not set(intents) & set(labels["test"]):
         raise UserError(f"{corpus}: only {len(intents)} intents have >= {max(cfg.shots)} train utterances; "
                         f"a {cfg.n_way}-way table needs more data (raise n_train)")
     results = []
     runs = [(row, arbitrary, k) for arbitrary in (False, True) for row in inputs for k in cfg.shots]
     bar = tqdm(total=len(runs) * cfg.table_seeds * cfg.table_queries, desc="table: few-shot", unit="query")
     for row, arbitrary, k in runs:
-        accs = []
-        for seed in range(cfg.table_seeds):
-            rng = random.Random(seed)  # the same episodes for every row: rows differ only in their inputs
-            queries = rng.sample(eligible, min(cfg.table_queries, len(eligible)))
-            correct = 0
-            for start in range(0, len(queries), 16):
-                prompts, golds = [], []
-                for q in queries[start: start + 16]:
-                    gold = labels["test"][q]
-                    chosen = [gold] + rng.sample([y for y in intents if y != gold], cfg.n_way - 1)
-                    names = rng.sample(data.ARBITRARY_LABELS, cfg.n_way) if arbitrary else chosen
-                    demos = [(j, n) for y, n in zip(chosen, names) for j in rng.sample(by_intent[y], k)]
-                    rng.shuffle(demos)
-                    segs = []
-                    for j, n in demos:
-                        segs += [inputs[row]["train"][j], between, tok.encode(template.candidate(n))]
-                    prompts.append(segs + [inputs[row]["test"][q], between])
-                    golds.append([tok.encode(template.candidate(n)) for n in names])
-                # the batch shares one candidate list; each query is scored on its own N labels
-                candidates = sorted({tuple(c) for g in golds for c in g})
-                index = {c: i for i, c in enumerate(candidates)}
-                scores = rank_scores(lm, build_prompt(prompts, lm.wte), candidates)  # (B, n_candidates)
-                for b, g in enumerate(golds):
-                    own = scores[b, [index[tuple(c)] for c in g]]  # (N,), the gold label first
-                    correct += int(own.argmax()) == 0
-                bar.update(len(prompts))
-            accs.append(correct / len(queries))
+        # the same episodes for every row (one random.Random(seed) each): rows differ only in their inputs
+        accs = [few_shot_accuracy(lm, tok, inputs[row], labels, intents, cfg.n_way, k, arbitrary, seed,
+                                  cfg.table_queries, bar=bar) for seed in range(cfg.table_seeds)]
         results.append(dict(row=row, labels="arbitrary" if arbitrary else "natural", k=k,
                             accuracy=float(np.mean(accs)), std=float(np.std(accs)), seeds=accs))
     bar.close()
@@ -1164,7 +1220,7 @@ def run_micro_world(argv: Sequence[str], cfg: WorldConfig | None = None) -> dict
     cfg = cfg or WorldConfig()
     t0 = time.time()
     corpus = world_corpus(cfg)
-    lm = world_lm(cfg)
+    lm = world_lm(cfg, corpus)
     hubert = world_hubert(cfg, corpus)
     examples = world_examples(cfg, corpus)
     seal = world_projector(cfg, corpus, "kl", examples)

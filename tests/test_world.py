@@ -105,7 +105,7 @@ def test_lm_corpus_episodes_are_consistent():
     assert n_episodes > 50
 
 
-def test_quick_world_chain(tmp_path, monkeypatch):
+def test_quick_world_chain(tmp_path, monkeypatch, capsys):
     """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
     from decoder import GPT, load_tokenizer
     from encoder import HuBERT
@@ -126,6 +126,10 @@ def test_quick_world_chain(tmp_path, monkeypatch):
     assert sum(encoded) == cfg.n_train + cfg.n_valid + cfg.n_test
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     assert lm.config.n_layer == cfg.lm_layers and tok.vocab_size == lm.config.vocab_size
+    # the LM stage reported the in-context check of the model it saved
+    name, check = train.lm_check(cfg, tmp_path / "micro-world" / "synthetic-fsc", tok)
+    assert name == "2-way 1-shot accuracy on text, natural labels"
+    assert f"tiny-lm: {name}: {check(lm):.0%} (chance 50%)" in capsys.readouterr().out
     assert HuBERT.from_pretrained("tiny-hubert").config.n_layer == cfg.hubert_layers
     for folder in ("seal-fsc", "psrt-fsc"):
         seal = Seal.from_pretrained(tmp_path / "micro-world" / folder / train.PROJECTOR_NAME)
@@ -150,6 +154,29 @@ def test_quick_world_chain(tmp_path, monkeypatch):
     assert after["tiny-lm"] == before["tiny-lm"] and after["tiny-hubert"] != before["tiny-hubert"]
     stamp = json.loads((tmp_path / "micro-world" / "seal-fsc" / train.STAMP_NAME).read_text())
     assert stamp["hubert_steps"] == cfg.hubert_steps + 1 and stamp == changed.stamp("projector")
+
+
+def test_lm_stage_warns_when_no_in_context_learning_appears(tmp_path, monkeypatch, capsys):
+    """An LM that stays at chance is saved (it cost minutes) but flagged: the world would not be valid."""
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(train.WorldConfig.quick(), lm_steps=2)
+    measured = []
+    monkeypatch.setattr(train, "lm_check", lambda cfg, corpus, tok: ("the check", lambda lm: measured.append(lm) or 0.6))
+    out = train.world_lm(cfg, tmp_path / "no-corpus-needed")
+    assert (out / "model.safetensors").is_file() and len(measured) == 2  # every step of 2, the last one included
+    out = capsys.readouterr().out
+    assert "tiny-lm: the check: 60% (chance 50%)" in out
+    assert "warning: this LM is not a few-shot learner (60%, under 50% of the way from chance to 100%)" in out
+
+
+def test_few_shot_accuracy_refuses_queries_without_demonstrations():
+    from decoder import GPT, GPTConfig
+    lm = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=1, n_embd=8))
+    labels = {"train": ["a", "b"] * 3, "valid": ["z"] * 4}
+    inputs = {split: [[i] for i in range(len(rows))] for split, rows in labels.items()}
+    with pytest.raises(train.UserError, match="no valid utterance has one of the 2 intents with 1 train utterances"):
+        train.few_shot_accuracy(lm, None, inputs, labels, ["a", "b"], 2, 1, False, seed=0, n_queries=4,
+                                query_split="valid")
 
 
 def test_micro_world_refuses_training_flags():
