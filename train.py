@@ -1027,8 +1027,8 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     if icl < chance + LM_FEW_SHOT_MIN * (1 - chance):
         tqdm.write(f"tiny-lm: warning: this LM is not a few-shot learner ({icl:.0%}, under {LM_FEW_SHOT_MIN:.0%} of "
                    f"the way from chance to 100%), so the table's speech rows cannot show in-context learning either; "
-                   f"when it learns in context depends on the random draws, so try more steps "
-                   f"(WorldConfig.lm_steps = {cfg.lm_steps}) or another WorldConfig.seed")
+                   f"whether it learns in context within {cfg.lm_steps:,} steps depends on the random draws "
+                   f"(README, \"When in-context learning appears\"), so try another WorldConfig.seed")
     model.save_pretrained(tmp, extra_files={"tokenizer.model": (tmp / "tokenizer.model").read_bytes()})
     write_stamp(tmp, cfg, "lm")
     os.replace(tmp, out)
