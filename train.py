@@ -855,6 +855,9 @@ def stage_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
     stamp = out / STAMP_NAME
     if stamp.is_file() and json.loads(stamp.read_text()) == cfg.stamp(stage):
         return True
+    if out.is_symlink():  # someone else's folder: not ours to delete
+        raise UserError(f"{out} links to {os.readlink(out)}, which was built with other settings than this "
+                        f"WorldConfig ({stamp.name} differs or is missing); remove the link to rebuild the stage here")
     if out.exists():
         tqdm.write(f"{out}: built with other settings than this WorldConfig; rebuilding it")
         shutil.rmtree(out)

@@ -156,6 +156,18 @@ def test_quick_world_chain(tmp_path, monkeypatch, capsys):
     assert stamp["hubert_steps"] == cfg.hubert_steps + 1 and stamp == changed.stamp("projector")
 
 
+def test_stage_behind_a_link_is_not_deleted(tmp_path):
+    """A stage folder that links elsewhere and was built with other settings is refused, not removed."""
+    elsewhere = tmp_path / "my-lm"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "tiny-lm").symlink_to(elsewhere)
+    with pytest.raises(train.UserError, match=r"tiny-lm links to .*my-lm, which was built with other settings .*"
+                                              r"world.json differs or is missing\); remove the link"):
+        train.stage_matches(tmp_path / "tiny-lm", train.WorldConfig.quick(), "lm")
+    assert (elsewhere / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_lm_stage_warns_when_no_in_context_learning_appears(tmp_path, monkeypatch, capsys):
     """An LM that stays at chance is saved (it cost minutes) but flagged: the world would not be valid."""
     monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
