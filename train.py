@@ -765,6 +765,7 @@ class WorldConfig:
     # In-context learning of arbitrary labels appears late and suddenly, at a step that depends on the random
     # draws: the chain's LM learns it at step 2,500; trained on a GPU, 4 of 8 seeds of this recipe did so within
     # 3,000 steps (README, "When in-context learning appears"). With a 2,700-step schedule it had not (measured).
+    # So world_lm trains another draw when one does not (LM_DRAWS).
     lm_steps: int = 3000
     lm_batch: int = 5
     lm_seq: int = 512  # tokens per training row (documents are packed): every position gets trained
@@ -968,33 +969,22 @@ def lm_check(cfg: WorldConfig, corpus: Path, tok) -> tuple[str, Callable[[GPT], 
                                               cfg.seed, LM_CHECK_QUERIES, query_split="valid")
 
 
-def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
-    """Stage 2: tokenizer + tiny GPT, pre-trained with next-token loss on every token of the corpus.
+LM_DRAWS = 3  # the LM stage trains up to this many draws until one learns in context (see world_lm)
+LM_DRAW_STRIDE = 1000  # draw d trains with seed cfg.seed + 1000 d: another initialization, documents and noise
 
-    The loss covers every token, not just the labels: predicting the second half of a copy and the
-    repeated labels of an episode is what makes induction heads appear; label-only loss only teaches
-    "some label from the context". In-context learning then appears suddenly, late in training: the
-    bar's "icl" (lm_check, measured LM_CHECKS times on the corpus's text) stays near chance, then jumps
-    (at the default sizes: 20-27% up to step 2,250, then 60% at 2,500, 83% at 2,750, 94% at 3,000)."""
-    out = cfg.cache / "tiny-lm"
-    if stage_matches(out, cfg, "lm"):
-        return out
-    torch.manual_seed(cfg.seed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    grammar = data.fsc_grammar()
-    train_tokenizer(data.LMCorpus(grammar, seed=cfg.seed + 1), tmp / "tokenizer", cfg.lm_vocab)
-    (tmp / "tokenizer.vocab").unlink()
-    tok = SentencePieceTokenizer(tmp / "tokenizer.model")
+
+def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT], float],
+             draw: int) -> tuple[GPT, float]:
+    """One draw of the tiny LM: cfg.lm_steps of next-token training; returns it and its last check."""
+    seed = cfg.seed + LM_DRAW_STRIDE * draw
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=cfg.lm_context, vocab_size=tok.vocab_size, n_layer=cfg.lm_layers,
                           n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    text_corpus = data.LMCorpus(grammar, seed=cfg.seed, arbitrary=cfg.lm_arbitrary)
+    text_corpus = data.LMCorpus(data.fsc_grammar(), seed=seed, arbitrary=cfg.lm_arbitrary)
     buffer: list[int] = []
-    check_name, check = lm_check(cfg, corpus, tok)
     shown: dict[str, str] = {}  # the bar's figures
-    bar = tqdm(range(cfg.lm_steps), desc="tiny-lm", unit="step")
+    bar = tqdm(range(cfg.lm_steps), desc="tiny-lm" if draw == 0 else f"tiny-lm, draw {draw + 1}", unit="step")
     for step in bar:
         rows = []
         for _ in range(cfg.lm_batch):  # documents packed back to back, </s> between them
@@ -1025,14 +1015,56 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
             model.train()
             shown["icl"] = f"{icl:.0%}"
         bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+    return model, icl
+
+
+def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
+    """Stage 2: tokenizer + tiny GPT, pre-trained with next-token loss on every token of the corpus.
+
+    The loss covers every token, not just the labels: predicting the second half of a copy and the
+    repeated labels of an episode is what makes induction heads appear; label-only loss only teaches
+    "some label from the context". In-context learning then appears suddenly, late in training: the
+    bar's "icl" (lm_check, measured LM_CHECKS times on the corpus's text) stays near chance, then jumps
+    (at the default sizes: 20-27% up to step 2,250, then 60% at 2,500, 83% at 2,750, 94% at 3,000).
+
+    Whether it appears within lm_steps is a matter of the random draws (README, "When in-context learning
+    appears": 4 of 8 seeds of this recipe on a GPU). A world whose LM does not learn in context is not valid,
+    so a draw that ends under half-way from chance to 100% on the check is set aside and another is trained,
+    up to LM_DRAWS; the check uses the valid split, never the test split of the table. The draws are
+    recorded in draws.json next to the model."""
+    out = cfg.cache / "tiny-lm"
+    if stage_matches(out, cfg, "lm"):
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    train_tokenizer(data.LMCorpus(data.fsc_grammar(), seed=cfg.seed + 1), tmp / "tokenizer", cfg.lm_vocab)
+    (tmp / "tokenizer.vocab").unlink()
+    tok = SentencePieceTokenizer(tmp / "tokenizer.model")
+    check_name, check = lm_check(cfg, corpus, tok)
     chance = 1 / cfg.n_way
-    tqdm.write(f"tiny-lm: {check_name}: {icl:.0%} (chance {chance:.0%})")
-    if icl < chance + LM_FEW_SHOT_MIN * (1 - chance):
-        tqdm.write(f"tiny-lm: warning: this LM is not a few-shot learner ({icl:.0%}, under {LM_FEW_SHOT_MIN:.0%} of "
-                   f"the way from chance to 100%), so the table's speech rows cannot show in-context learning either; "
-                   f"whether it learns in context within {cfg.lm_steps:,} steps depends on the random draws "
-                   f"(README, \"When in-context learning appears\"), so try another WorldConfig.seed")
-    model.save_pretrained(tmp, extra_files={"tokenizer.model": (tmp / "tokenizer.model").read_bytes()})
+    learned = chance + LM_FEW_SHOT_MIN * (1 - chance)
+    draws: list[dict] = []
+    best: tuple[GPT, float] | None = None
+    for draw in range(LM_DRAWS):
+        model, icl = train_lm(cfg, tok, check, draw)
+        draws.append({"draw": draw, "seed": cfg.seed + LM_DRAW_STRIDE * draw, "check": icl})
+        tqdm.write(f"tiny-lm: {check_name}: {icl:.0%} (chance {chance:.0%})")
+        if best is None or icl > best[1]:
+            best = model, icl
+        if icl >= learned:
+            break
+        if draw + 1 < LM_DRAWS:
+            tqdm.write(f"tiny-lm: this draw did not learn in context ({icl:.0%}, under {LM_FEW_SHOT_MIN:.0%} of the "
+                       f"way from chance to 100%); whether a draw does within {cfg.lm_steps:,} steps is chance, so "
+                       f"training another ({draw + 2} of {LM_DRAWS})")
+    model, icl = best
+    if icl < learned:
+        tqdm.write(f"tiny-lm: warning: none of {LM_DRAWS} draws is a few-shot learner (the best: {icl:.0%}, under "
+                   f"{LM_FEW_SHOT_MIN:.0%} of the way from chance to 100%), so the table's speech rows cannot show "
+                   f"in-context learning either; try another WorldConfig.seed")
+    model.save_pretrained(tmp, extra_files={"tokenizer.model": (tmp / "tokenizer.model").read_bytes(),
+                                            "draws.json": json.dumps(draws, indent=1).encode()})
     write_stamp(tmp, cfg, "lm")
     os.replace(tmp, out)
     return out

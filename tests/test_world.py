@@ -168,18 +168,41 @@ def test_stage_behind_a_link_is_not_deleted(tmp_path):
     assert (elsewhere / "model.safetensors").read_bytes() == b"weights"
 
 
-def test_lm_stage_warns_when_no_in_context_learning_appears(tmp_path, monkeypatch, capsys):
-    """An LM that stays at chance is saved (it cost minutes) but flagged: the world would not be valid."""
+def test_lm_stage_warns_when_no_draw_learns_in_context(tmp_path, monkeypatch, capsys):
+    """An LM that stays at chance in every draw is saved (it cost minutes) but flagged: the world would not be valid."""
     monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
     cfg = dataclasses.replace(train.WorldConfig.quick(), lm_steps=2)
     measured = []
     monkeypatch.setattr(train, "lm_check", lambda cfg, corpus, tok: ("the check", lambda lm: measured.append(lm) or 0.6))
     out = train.world_lm(cfg, tmp_path / "no-corpus-needed")
-    assert (out / "model.safetensors").is_file() and len(measured) == 2  # every step of 2, the last one included
-    out = capsys.readouterr().out
-    assert "tiny-lm: the check: 60% (chance 50%)" in out
-    assert "warning: this LM is not a few-shot learner (60%, under 50% of the way from chance to 100%)" in out
-    assert "within 2 steps depends on the random draws" in out and "try another WorldConfig.seed" in out
+    assert (out / "model.safetensors").is_file() and len(measured) == 2 * train.LM_DRAWS  # every step of 2, per draw
+    draws = json.loads((out / "draws.json").read_text())
+    assert [d["seed"] for d in draws] == [train.LM_DRAW_STRIDE * d for d in range(train.LM_DRAWS)]
+    printed = capsys.readouterr().out
+    assert printed.count("tiny-lm: the check: 60% (chance 50%)") == train.LM_DRAWS
+    assert "this draw did not learn in context (60%, under 50% of the way from chance to 100%)" in printed
+    assert (f"warning: none of {train.LM_DRAWS} draws is a few-shot learner (the best: 60%, under 50% of the way "
+            f"from chance to 100%)") in printed and "try another WorldConfig.seed" in printed
+
+
+def test_lm_stage_trains_another_draw_until_one_learns_in_context(tmp_path, monkeypatch, capsys):
+    """Draw 1 stays at chance, draw 2 learns: draw 2 is the stage's LM, and no third draw is trained."""
+    from decoder import GPT
+
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(train.WorldConfig.quick(), lm_steps=2)
+    figures = iter([0.5, 0.55, 0.7, 0.8])  # two checks per draw; 2-way: half-way from chance is 75%
+    measured = []
+    monkeypatch.setattr(train, "lm_check", lambda cfg, corpus, tok: ("the check", lambda lm: measured.append(
+        {k: v.clone() for k, v in lm.state_dict().items()}) or next(figures)))
+    out = train.world_lm(cfg, tmp_path / "no-corpus-needed")
+    assert len(measured) == 4
+    assert [d["check"] for d in json.loads((out / "draws.json").read_text())] == [0.55, 0.8]
+    saved = GPT.from_pretrained(str(out)).state_dict()
+    for name, w in measured[-1].items():  # the second draw's weights at its last check
+        assert torch.equal(saved[name], w), name
+    printed = capsys.readouterr().out
+    assert "training another (2 of 3)" in printed and "(3 of 3)" not in printed and "warning" not in printed
 
 
 def test_few_shot_accuracy_refuses_queries_without_demonstrations():
