@@ -953,7 +953,7 @@ def few_shot_accuracy(lm: GPT, tok, inputs: dict[str, list], labels: dict[str, l
 
 LM_CHECKS = 12  # times the LM's in-context accuracy on text is measured while it trains (the bar's "icl")
 LM_CHECK_QUERIES = 100  # valid-split queries per check: 0.5-0.7 s each at the default sizes (measured)
-LM_FEW_SHOT_MIN = 0.5  # the LM stage warns if its final check is not this share of the way from chance to 100%
+LM_FEW_SHOT_MIN = 0.5  # a draw whose last check is under this share of the way from chance to 100% is set aside
 
 
 def lm_check(cfg: WorldConfig, corpus: Path, tok) -> tuple[str, Callable[[GPT], float]]:
