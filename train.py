@@ -973,10 +973,15 @@ LM_DRAWS = 3  # the LM stage trains up to this many draws until one learns in co
 LM_DRAW_STRIDE = 1000  # draw d trains with seed cfg.seed + 1000 d: another initialization, documents and noise
 
 
+def lm_draw_seed(cfg: WorldConfig, draw: int) -> int:
+    """The seed that draw `draw` of the LM stage trains with (and that draws.json records)."""
+    return cfg.seed + LM_DRAW_STRIDE * draw
+
+
 def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT], float],
              draw: int) -> tuple[GPT, float]:
     """One draw of the tiny LM: cfg.lm_steps of next-token training; returns it and its last check."""
-    seed = cfg.seed + LM_DRAW_STRIDE * draw
+    seed = lm_draw_seed(cfg, draw)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=cfg.lm_context, vocab_size=tok.vocab_size, n_layer=cfg.lm_layers,
                           n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id))
@@ -1048,7 +1053,7 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     best: tuple[GPT, float] | None = None
     for draw in range(LM_DRAWS):
         model, icl = train_lm(cfg, tok, check, draw)
-        draws.append({"draw": draw, "seed": cfg.seed + LM_DRAW_STRIDE * draw, "check": icl})
+        draws.append({"draw": draw, "seed": lm_draw_seed(cfg, draw), "check": icl})
         tqdm.write(f"tiny-lm: {check_name}: {icl:.0%} (chance {chance:.0%})")
         if best is None or icl > best[1]:
             best = model, icl
