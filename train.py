@@ -895,6 +895,13 @@ def train_tokenizer(corpus, out: Path, vocab_size: int, n_docs: int = 20_000) ->
         user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2)
 
 
+def world_tokenizer(cfg: WorldConfig, folder: Path) -> SentencePieceTokenizer:
+    """The LM stage's BPE, trained on documents of another seed than the LM's, saved as folder/tokenizer.model."""
+    train_tokenizer(data.LMCorpus(data.fsc_grammar(), seed=cfg.seed + 1), folder / "tokenizer", cfg.lm_vocab)
+    (folder / "tokenizer.vocab").unlink()
+    return SentencePieceTokenizer(folder / "tokenizer.model")
+
+
 def demo_intents(train_labels: Sequence[str], k: int) -> list[str]:
     """The intents with at least k train utterances, which can show k demonstrations."""
     counts = Counter(train_labels)
@@ -979,17 +986,22 @@ def lm_draw_seed(cfg: WorldConfig, draw: int) -> int:
 
 
 def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT], float],
-             draw: int) -> tuple[GPT, float]:
-    """One draw of the tiny LM: cfg.lm_steps of next-token training; returns it and its last check."""
+             draw: int, device: torch.device | str = "cpu", progress: bool = True) -> tuple[GPT, float]:
+    """One draw of the tiny LM: cfg.lm_steps of next-token training; returns it and its last check.
+
+    The micro world trains it on the CPU. Another device draws other random numbers (the noise), so it
+    trains another draw of the same recipe: bench/bench_lm_draws.py uses a GPU to train many at once."""
     seed = lm_draw_seed(cfg, draw)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=cfg.lm_context, vocab_size=tok.vocab_size, n_layer=cfg.lm_layers,
-                          n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id))
+                          n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id,
+                          eos_token_id=tok.eot_id)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01)
     text_corpus = data.LMCorpus(data.fsc_grammar(), seed=seed, arbitrary=cfg.lm_arbitrary)
     buffer: list[int] = []
     shown: dict[str, str] = {}  # the bar's figures
-    bar = tqdm(range(cfg.lm_steps), desc="tiny-lm" if draw == 0 else f"tiny-lm, draw {draw + 1}", unit="step")
+    bar = tqdm(range(cfg.lm_steps), desc="tiny-lm" if draw == 0 else f"tiny-lm, draw {draw + 1}", unit="step",
+               disable=not progress)
     for step in bar:
         rows = []
         for _ in range(cfg.lm_batch):  # documents packed back to back, </s> between them
@@ -997,7 +1009,7 @@ def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT
                 buffer += [i for seg in text_corpus.document() for i in tok.encode(seg)] + [tok.eot_id]
             rows.append(buffer[: cfg.lm_seq + 1])
             buffer = buffer[cfg.lm_seq + 1:]
-        x = torch.tensor(rows)  # (B, T + 1)
+        x = torch.tensor(rows, device=device)  # (B, T + 1)
         lr = cfg.lm_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.lm_steps)))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -1006,7 +1018,8 @@ def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT
             B, T, C = embeds.shape
             # a noise vector of std s per coordinate has norm ~ s * sqrt(C); this one ~ alpha * mean norm
             scale = embeds.detach().norm(dim=-1).mean() / math.sqrt(C)
-            alpha = torch.rand(B, 1, 1) * cfg.lm_noise * (torch.rand(B, 1, 1) < 0.5)  # (B, 1, 1)
+            alpha = (torch.rand(B, 1, 1, device=device) * cfg.lm_noise
+                     * (torch.rand(B, 1, 1, device=device) < 0.5))  # (B, 1, 1)
             embeds = embeds + alpha * scale * torch.randn_like(embeds)
         logits = model(inputs_embeds=embeds)  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
@@ -1043,9 +1056,7 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    train_tokenizer(data.LMCorpus(data.fsc_grammar(), seed=cfg.seed + 1), tmp / "tokenizer", cfg.lm_vocab)
-    (tmp / "tokenizer.vocab").unlink()
-    tok = SentencePieceTokenizer(tmp / "tokenizer.model")
+    tok = world_tokenizer(cfg, tmp)
     check_name, check = lm_check(cfg, corpus, tok)
     chance = 1 / cfg.n_way
     learned = chance + LM_FEW_SHOT_MIN * (1 - chance)

@@ -107,3 +107,25 @@ def test_fewshot_on_cuda_predicts_as_on_cpu(speech_world, exact_fp32):  # noqa: 
     cpu_bank, gpu_bank = fewshot.SpeechBank(speech_world.seal, speech_world.train), fewshot.SpeechBank(seal, gpu.train)
     for a, b in zip(cpu_bank.soft_tokens(ids), gpu_bank.soft_tokens(ids)):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-3)
+
+
+def test_tiny_lm_draw_on_cuda_matches_the_cpu_without_noise(tmp_path, exact_fp32):
+    """train.train_lm on the GPU (bench/bench_lm_draws.py --device cuda): the initialization and the documents
+    are drawn on the CPU, so with the embedding noise off the GPU trains the CPU's draw, to rounding."""
+    import dataclasses
+
+    import train
+
+    cfg = dataclasses.replace(train.WorldConfig.quick(), lm_steps=5, lm_noise=0.0)
+    tok = train.world_tokenizer(cfg, tmp_path)
+    devices = []
+
+    def check(lm):
+        devices.append(lm.wte.weight.device.type)
+        return 0.5
+
+    cpu, _ = train.train_lm(cfg, tok, check, draw=1, progress=False)
+    gpu, _ = train.train_lm(cfg, tok, check, draw=1, device=CUDA, progress=False)
+    assert devices == ["cpu"] * 5 + ["cuda"] * 5
+    for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-3, msg=name)

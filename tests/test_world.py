@@ -233,3 +233,45 @@ def test_tiny_hubert_does_not_depend_on_the_padding_multiple(tmp_path, monkeypat
         weights.append(HuBERT.from_pretrained(str(out)).state_dict())
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+QUICK_LM = ["n_way=2", "shots=0,1", "lm_arbitrary=0", "lm_layers=1", "lm_width=32", "lm_context=128", "lm_steps=24",
+            "lm_batch=2", "lm_seq=64"]  # a toy LM and a 2-way natural-label check that the quick corpus can serve
+
+
+def test_bench_lm_draws_reports_every_check_of_every_draw(tmp_path):
+    """bench/bench_lm_draws.py trains the LM stage's draws (seeds 0 and 1,000) in two processes."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "SEAL_CACHE": str(tmp_path)}
+    train_corpus = subprocess.run([sys.executable, "-c", "import train; train.world_corpus(train.WorldConfig.quick())"],
+                                  env=env, capture_output=True, text=True)
+    assert train_corpus.returncode == 0, train_corpus.stderr
+    out = tmp_path / "draws.json"
+    args = [a for s in QUICK_LM for a in ("--set", s)]
+    run = subprocess.run([sys.executable, "bench/bench_lm_draws.py", "--draws", "2", "--jobs", "2", "--json", str(out),
+                          *args], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [(r["draw"], r["seed"]) for r in results] == [(0, 0), (1, train.LM_DRAW_STRIDE)]
+    for r in results:  # LM_CHECKS checks, every 24 // 12 = 2 steps
+        assert [s for s, _ in r["checks"]] == list(range(2, 25, 2))
+        assert all(0 <= acc <= 1 for _, acc in r["checks"])
+    assert "few-shot learners (check at the end >= 75.0%): " in run.stdout and " of 2" in run.stdout
+    bad = subprocess.run([sys.executable, "bench/bench_lm_draws.py", "--set", "lm_steps=many"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--set 'lm_steps=many': 'many' is not a int" in bad.stderr
+
+
+def test_bench_lm_draws_summary():
+    """The summary's bar is half-way from chance to 100% (62.5% for 4-way), met at the end or not."""
+    from bench.bench_lm_draws import summarize
+
+    cfg = train.WorldConfig()
+    results = [{"draw": 1, "seed": 1000, "checks": [(250, 0.3), (500, 0.625), (750, 0.5)], "seconds": 9.0},
+               {"draw": 0, "seed": 0, "checks": [(250, 0.2), (500, 0.6), (750, 0.94)], "seconds": 10.0}]
+    table = summarize(results, cfg)
+    assert "| 0 | 0 | 94% | 750 | 10 |" in table.splitlines()[2]  # sorted by draw
+    assert "| 1 | 1000 | 50% | 500 | 9 |" in table  # reached the bar at step 500, fell under it by the end
+    assert table.endswith("few-shot learners (check at the end >= 62.5%): 1 of 2")

@@ -1,0 +1,148 @@
+"""Benchmark: how reliably a recipe of the micro world's tiny LM learns in context, over its random draws.
+
+The LM stage (train.py, stage 2) learns in context late and suddenly, and whether it does so within
+WorldConfig.lm_steps depends on the random draws (README, "When in-context learning appears"). This trains
+draws 0..N-1 of train.train_lm as the stage would train them (draw d: seed WorldConfig.seed + 1,000 d, its own
+initialization, documents and noise; the tokenizer trained as the stage trains it), in parallel worker
+processes. It prints each draw's check as it is measured (train.lm_check: 4-way 5-shot accuracy on text,
+arbitrary labels, 100 queries of the valid split, LM_CHECKS times per draw), then a summary: the check at
+the end of each draw, the first step at which it reached a few-shot learner's bar (half-way from chance to
+100%, train.LM_FEW_SHOT_MIN), and how many draws end above it. `--set` changes the recipe: any WorldConfig
+field, e.g. `--set lm_noise=0.75 --set lm_heads=2`.
+
+It reads the micro world's corpus (stage 1, for the check's utterances) from $SEAL_CACHE and writes nothing
+there: build it first with `python train.py` (or at least its first stage). A draw on the CPU with one thread
+takes about 15 minutes at the default sizes (2 cores, 2 workers: two draws per 15-16 minutes). A GPU trains
+other draws than the CPU: its random numbers differ (train.train_lm).
+
+    python bench/bench_lm_draws.py --draws 2                          # the chain's recipe, draws 0 and 1
+    python bench/bench_lm_draws.py --draws 4 --set lm_noise=0.75      # a variant, two draws at a time
+    python bench/bench_lm_draws.py --draws 14 --jobs 14 --device cuda --json draws.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import queue as queues
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train  # noqa: E402
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """["lm_noise=0.75", "lm_heads=2"] -> WorldConfig overrides, each value read as its field's type."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(train.WorldConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in kinds:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of WorldConfig's fields "
+                             f"({', '.join(kinds)})")
+        kind = kinds[name]
+        try:
+            out[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+        except ValueError:
+            raise SystemExit(f"--set {pair!r}: {value!r} is not a {kind.__name__}") from None
+    return out
+
+
+def check_steps(cfg: train.WorldConfig) -> list[int]:
+    """The steps after which train_lm measures its check (every lm_steps // LM_CHECKS, and the last)."""
+    every = max(1, cfg.lm_steps // train.LM_CHECKS)
+    return [s for s in range(1, cfg.lm_steps + 1) if s % every == 0 or s == cfg.lm_steps]
+
+
+def run_draw(job: tuple) -> dict:
+    """Worker: one draw of train_lm, its checks sent to the main process as they are measured."""
+    cfg, draw, corpus, device, threads, queue = job
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as folder:
+        tok = train.world_tokenizer(cfg, Path(folder))
+    _, check = train.lm_check(cfg, corpus, tok)
+    steps, checks = check_steps(cfg), []
+
+    def logged(model) -> float:
+        acc = check(model)
+        checks.append((steps[len(checks)], acc))
+        queue.put((draw, *checks[-1]))
+        return acc
+
+    t0 = time.time()
+    train.train_lm(cfg, tok, logged, draw, device=device, progress=False)
+    return {"draw": draw, "seed": train.lm_draw_seed(cfg, draw), "checks": checks, "seconds": time.time() - t0}
+
+
+def summarize(results: list[dict], cfg: train.WorldConfig) -> str:
+    """A markdown table, one row per draw, and the count of few-shot learners."""
+    chance = 1 / cfg.n_way
+    bar = chance + train.LM_FEW_SHOT_MIN * (1 - chance)
+    lines = ["| draw | seed | check at the end | first step at or above the bar | seconds |", "|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["draw"]):
+        first = next((s for s, a in r["checks"] if a >= bar), None)
+        lines.append(f"| {r['draw']} | {r['seed']} | {r['checks'][-1][1]:.0%} | "
+                     f"{'-' if first is None else f'{first:,}'} | {r['seconds']:.0f} |")
+    learned = sum(r["checks"][-1][1] >= bar for r in results)
+    lines.append(f"\nfew-shot learners (check at the end >= {bar:.1%}): {learned} of {len(results)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--draws", type=int, default=2, help="draws 0..N-1 to train (default 2)")
+    p.add_argument("--first", type=int, default=0, help="the first draw's index (default 0, the chain's own draw)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a WorldConfig setting, e.g. lm_noise=0.75 (repeatable)")
+    p.add_argument("--jobs", type=int, default=2, help="draws trained at a time, one process each (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--json", type=Path, help="also write the results (every check of every draw) to this file")
+    args = p.parse_args(argv)
+    if args.draws < 1 or args.jobs < 1 or args.threads < 1 or args.first < 0:
+        raise SystemExit("--draws, --jobs and --threads must be >= 1, --first >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    cfg = train.WorldConfig(**parse_settings(args.set))
+    corpus = cfg.cache / "micro-world" / "synthetic-fsc"
+    if not (corpus / train.STAMP_NAME).is_file():
+        raise SystemExit(f"no micro-world corpus at {corpus}: run `python train.py` first (its first stage "
+                         f"writes it), or point $SEAL_CACHE at a cache that has one")
+
+    draws = list(range(args.first, args.first + args.draws))
+    steps = check_steps(cfg)
+    print(f"{len(draws)} draws of the tiny LM ({cfg.lm_steps:,} steps each), {args.jobs} at a time on "
+          f"{args.device}; settings changed: {parse_settings(args.set) or 'none'}")
+    # spawn: CUDA cannot be used in a forked child, and every worker starts from a clean interpreter
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(args.jobs) as pool:
+        queue = manager.Queue()
+        jobs = [(cfg, d, corpus, args.device, args.threads, queue) for d in draws]
+        pending = pool.map_async(run_draw, jobs)
+        with tqdm(total=len(draws) * len(steps), desc="checks", unit="check") as bar:
+            while not (pending.ready() and queue.empty()):
+                try:
+                    draw, step, acc = queue.get(timeout=1)
+                except queues.Empty:
+                    continue
+                bar.write(f"draw {draw}, step {step:,}: {acc:.0%}")
+                bar.update(1)
+        results = pending.get()  # re-raises a worker's exception here
+        pool.close()
+        pool.join()
+    print(summarize(results, cfg))
+    if args.json:
+        args.json.write_text(json.dumps({"settings": parse_settings(args.set), "device": args.device,
+                                         "results": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
