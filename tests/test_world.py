@@ -178,6 +178,8 @@ def test_lm_stage_warns_when_no_draw_learns_in_context(tmp_path, monkeypatch, ca
     assert (out / "model.safetensors").is_file() and len(measured) == 2 * train.LM_DRAWS  # every step of 2, per draw
     draws = json.loads((out / "draws.json").read_text())
     assert [d["seed"] for d in draws] == [train.LM_DRAW_STRIDE * d for d in range(train.LM_DRAWS)]
+    fallback = cfg.lm_noise * train.LM_FALLBACK_NOISE
+    assert [d["lm_noise"] for d in draws] == [cfg.lm_noise] + [fallback] * (train.LM_DRAWS - 1)
     printed = capsys.readouterr().out
     assert printed.count("tiny-lm: the check: 60% (chance 50%)") == train.LM_DRAWS
     assert "this draw did not learn in context (60%, under 50% of the way from chance to 100%)" in printed
@@ -195,14 +197,19 @@ def test_lm_stage_trains_another_draw_until_one_learns_in_context(tmp_path, monk
     measured = []
     monkeypatch.setattr(train, "lm_check", lambda cfg, corpus, tok: ("the check", lambda lm: measured.append(
         {k: v.clone() for k, v in lm.state_dict().items()}) or next(figures)))
+    noises, train_lm = [], train.train_lm
+    monkeypatch.setattr(train, "train_lm", lambda cfg, *a, **k: noises.append(cfg.lm_noise) or train_lm(cfg, *a, **k))
     out = train.world_lm(cfg, tmp_path / "no-corpus-needed")
     assert len(measured) == 4
+    fallback = cfg.lm_noise * train.LM_FALLBACK_NOISE
+    assert noises == [cfg.lm_noise, fallback] and fallback < cfg.lm_noise  # the second draw, less noise
     assert [d["check"] for d in json.loads((out / "draws.json").read_text())] == [0.55, 0.8]
     saved = GPT.from_pretrained(str(out)).state_dict()
     for name, w in measured[-1].items():  # the second draw's weights at its last check
         assert torch.equal(saved[name], w), name
     printed = capsys.readouterr().out
-    assert "training another (2 of 3)" in printed and "(3 of 3)" not in printed and "warning" not in printed
+    assert f"training another (2 of 3) with less embedding noise ({fallback:g} instead of {cfg.lm_noise:g})" in printed
+    assert "(3 of 3)" not in printed and "warning" not in printed
 
 
 def test_few_shot_accuracy_refuses_queries_without_demonstrations():
