@@ -1083,8 +1083,8 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
             tqdm.write(f"tiny-lm: this draw did not learn in context ({icl:.0%}, under {LM_FEW_SHOT_MIN:.0%} of the "
                        f"way from chance to 100%); whether a draw does within {cfg.lm_steps:,} steps is chance, so "
                        f"training another ({draw + 2} of {LM_DRAWS}) with less embedding noise "
-                       f"({cfg.lm_noise * LM_FALLBACK_NOISE:g} instead of {cfg.lm_noise:g}): it learns in context "
-                       f"more reliably, and reads speech less well")
+                       f"({cfg.lm_noise * LM_FALLBACK_NOISE:g} instead of {cfg.lm_noise:g}), with which in-context "
+                       f"learning appeared on more draws")
     model, icl = best
     if icl < learned:
         tqdm.write(f"tiny-lm: warning: none of {LM_DRAWS} draws is a few-shot learner (the best: {icl:.0%}, under "

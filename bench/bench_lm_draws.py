@@ -11,9 +11,9 @@ the end of each draw, the first step at which it reached a few-shot learner's ba
 field, e.g. `--set lm_noise=0.75 --set lm_heads=2`.
 
 It reads the micro world's corpus (stage 1, for the check's utterances) from $SEAL_CACHE and writes nothing
-there: build it first with `python train.py` (or at least its first stage). A draw on the CPU with one thread
-takes about 15 minutes at the default sizes (2 cores, 2 workers: two draws per 15-16 minutes). A GPU trains
-other draws than the CPU: its random numbers differ (train.train_lm).
+there: build it first with `python train.py` (or at least its first stage). At the default sizes, two draws at
+a time on the 2-core CPU, one thread each, took 16-17 minutes (measured). A GPU trains other draws than the CPU:
+its random numbers differ (train.train_lm).
 
     python bench/bench_lm_draws.py --draws 2                          # the chain's recipe, draws 0 and 1
     python bench/bench_lm_draws.py --draws 4 --set lm_noise=0.75      # a variant, two draws at a time
@@ -51,7 +51,7 @@ def parse_settings(pairs: list[str]) -> dict:
         try:
             out[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
         except ValueError:
-            raise SystemExit(f"--set {pair!r}: {value!r} is not a {kind.__name__}") from None
+            raise SystemExit(f"--set {pair!r}: {value!r} is not a valid {kind.__name__}") from None
     return out
 
 

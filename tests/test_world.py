@@ -268,7 +268,7 @@ def test_bench_lm_draws_reports_every_check_of_every_draw(tmp_path):
     assert "few-shot learners (check at the end >= 75.0%): " in run.stdout and " of 2" in run.stdout
     bad = subprocess.run([sys.executable, "bench/bench_lm_draws.py", "--set", "lm_steps=many"], env=env,
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "--set 'lm_steps=many': 'many' is not a int" in bad.stderr
+    assert bad.returncode != 0 and "--set 'lm_steps=many': 'many' is not a valid int" in bad.stderr
 
 
 def test_bench_lm_draws_summary():
