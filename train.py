@@ -967,6 +967,12 @@ LM_CHECK_QUERIES = 100  # valid-split queries per check: 0.5-0.7 s each at the d
 LM_FEW_SHOT_MIN = 0.5  # a draw whose last check is under this share of the way from chance to 100% is set aside
 
 
+def lm_check_steps(cfg: WorldConfig) -> list[int]:
+    """The steps after which train_lm measures its check: every lm_steps // LM_CHECKS, and the last."""
+    every = max(1, cfg.lm_steps // LM_CHECKS)
+    return [s for s in range(1, cfg.lm_steps + 1) if s % every == 0 or s == cfg.lm_steps]
+
+
 def lm_check(cfg: WorldConfig, corpus: Path, tok) -> tuple[str, Callable[[GPT], float]]:
     """What the LM stage watches: k-shot accuracy on *text* (train demonstrations, valid queries), with
     arbitrary labels if the LM's corpus has them (only in-context copying is right), else natural ones."""
@@ -1007,6 +1013,7 @@ def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01)
     text_corpus = data.LMCorpus(data.fsc_grammar(), seed=seed, arbitrary=cfg.lm_arbitrary)
     buffer: list[int] = []
+    check_at = set(lm_check_steps(cfg))
     shown: dict[str, str] = {}  # the bar's figures
     bar = tqdm(range(cfg.lm_steps), desc="tiny-lm" if draw == 0 else f"tiny-lm, draw {draw + 1}", unit="step",
                disable=not progress)
@@ -1035,7 +1042,7 @@ def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % max(1, cfg.lm_steps // LM_CHECKS) == 0 or step + 1 == cfg.lm_steps:
+        if step + 1 in check_at:
             model.eval()
             icl = check(model)  # no random draws from torch: the LM trains the same with or without it
             model.train()
@@ -1070,8 +1077,9 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     learned = chance + LM_FEW_SHOT_MIN * (1 - chance)
     draws: list[dict] = []
     best: tuple[GPT, float] | None = None
+    fallback = cfg.lm_noise * LM_FALLBACK_NOISE  # the noise of the draws after the first
     for draw in range(LM_DRAWS):
-        noise = cfg.lm_noise if draw == 0 else cfg.lm_noise * LM_FALLBACK_NOISE
+        noise = cfg.lm_noise if draw == 0 else fallback
         model, icl = train_lm(replace(cfg, lm_noise=noise), tok, check, draw)
         draws.append({"draw": draw, "seed": lm_draw_seed(cfg, draw), "lm_noise": noise, "check": icl})
         tqdm.write(f"tiny-lm: {check_name}: {icl:.0%} (chance {chance:.0%})")
@@ -1083,7 +1091,7 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
             tqdm.write(f"tiny-lm: this draw did not learn in context ({icl:.0%}, under {LM_FEW_SHOT_MIN:.0%} of the "
                        f"way from chance to 100%); whether a draw does within {cfg.lm_steps:,} steps is chance, so "
                        f"training another ({draw + 2} of {LM_DRAWS}) with less embedding noise "
-                       f"({cfg.lm_noise * LM_FALLBACK_NOISE:g} instead of {cfg.lm_noise:g}), with which in-context "
+                       f"({fallback:g} instead of {cfg.lm_noise:g}), with which in-context "
                        f"learning appeared on more draws")
     model, icl = best
     if icl < learned:

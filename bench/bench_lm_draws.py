@@ -2,9 +2,10 @@
 
 The LM stage (train.py, stage 2) learns in context late and suddenly, and whether it does so within
 WorldConfig.lm_steps depends on the random draws (README, "When in-context learning appears"). This trains
-draws 0..N-1 of train.train_lm as the stage would train them (draw d: seed WorldConfig.seed + 1,000 d, its own
+draws 0..N-1 of train.train_lm with the stage's seeds (draw d: WorldConfig.seed + 1,000 d, its own
 initialization, documents and noise; the tokenizer trained as the stage trains it), in parallel worker
-processes. It prints each draw's check as it is measured (train.lm_check: 4-way 5-shot accuracy on text,
+processes. Every draw keeps the recipe as given, so that the recipe is what is measured: the stage itself
+trains the draws after its first with less noise (train.LM_FALLBACK_NOISE). It prints each draw's check as it is measured (train.lm_check: 4-way 5-shot accuracy on text,
 arbitrary labels, 100 queries of the valid split, LM_CHECKS times per draw), then a summary: the check at
 the end of each draw, the first step at which it reached a few-shot learner's bar (half-way from chance to
 100%, train.LM_FEW_SHOT_MIN), and how many draws end above it. `--set` changes the recipe: any WorldConfig
@@ -55,12 +56,6 @@ def parse_settings(pairs: list[str]) -> dict:
     return out
 
 
-def check_steps(cfg: train.WorldConfig) -> list[int]:
-    """The steps after which train_lm measures its check (every lm_steps // LM_CHECKS, and the last)."""
-    every = max(1, cfg.lm_steps // train.LM_CHECKS)
-    return [s for s in range(1, cfg.lm_steps + 1) if s % every == 0 or s == cfg.lm_steps]
-
-
 def run_draw(job: tuple) -> dict:
     """Worker: one draw of train_lm, its checks sent to the main process as they are measured."""
     cfg, draw, corpus, device, threads, queue = job
@@ -68,7 +63,7 @@ def run_draw(job: tuple) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         tok = train.world_tokenizer(cfg, Path(folder))
     _, check = train.lm_check(cfg, corpus, tok)
-    steps, checks = check_steps(cfg), []
+    steps, checks = train.lm_check_steps(cfg), []
 
     def logged(model) -> float:
         acc = check(model)
@@ -110,16 +105,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("--draws, --jobs and --threads must be >= 1, --first >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device here")
-    cfg = train.WorldConfig(**parse_settings(args.set))
+    settings = parse_settings(args.set)
+    cfg = train.WorldConfig(**settings)
     corpus = cfg.cache / "micro-world" / "synthetic-fsc"
     if not (corpus / train.STAMP_NAME).is_file():
         raise SystemExit(f"no micro-world corpus at {corpus}: run `python train.py` first (its first stage "
                          f"writes it), or point $SEAL_CACHE at a cache that has one")
 
     draws = list(range(args.first, args.first + args.draws))
-    steps = check_steps(cfg)
+    steps = train.lm_check_steps(cfg)
     print(f"{len(draws)} draws of the tiny LM ({cfg.lm_steps:,} steps each), {args.jobs} at a time on "
-          f"{args.device}; settings changed: {parse_settings(args.set) or 'none'}")
+          f"{args.device}; settings changed: {settings or 'none'}")
     # spawn: CUDA cannot be used in a forked child, and every worker starts from a clean interpreter
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(args.jobs) as pool:
@@ -139,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pool.join()
     print(summarize(results, cfg))
     if args.json:
-        args.json.write_text(json.dumps({"settings": parse_settings(args.set), "device": args.device,
+        args.json.write_text(json.dumps({"settings": settings, "device": args.device,
                                          "results": results}, indent=1))
     return results
 

@@ -248,10 +248,11 @@ QUICK_LM = ["n_way=2", "shots=0,1", "lm_arbitrary=0", "lm_layers=1", "lm_width=3
 
 def test_bench_lm_draws_reports_every_check_of_every_draw(tmp_path):
     """bench/bench_lm_draws.py trains the LM stage's draws (seeds 0 and 1,000) in two processes."""
+    import os
     import subprocess
     import sys
 
-    env = {**__import__("os").environ, "SEAL_CACHE": str(tmp_path)}
+    env = {**os.environ, "SEAL_CACHE": str(tmp_path)}
     train_corpus = subprocess.run([sys.executable, "-c", "import train; train.world_corpus(train.WorldConfig.quick())"],
                                   env=env, capture_output=True, text=True)
     assert train_corpus.returncode == 0, train_corpus.stderr
