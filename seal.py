@@ -58,26 +58,31 @@ class Prompt:
     starts: torch.Tensor  # (B, S) index in the row where segment s begins
     lengths: torch.Tensor  # (B, S) its length (0 for a row with fewer segments)
 
-    def positions(self, seg: int) -> torch.Tensor:
-        """Flat indices into (B * T) of segment `seg`'s positions, row by row."""
+    def positions(self, seg: int | Sequence[int]) -> torch.Tensor:
+        """Flat indices into (B * T) of segment `seg`'s positions, row by row (for several segments:
+        row by row, and within a row in the order given)."""
         return self._span(seg, shift=0)
 
-    def predicting(self, seg: int) -> torch.Tensor:
-        """Flat indices into (B * T) of the positions whose *next* token is in segment `seg`.
+    def predicting(self, seg: int | Sequence[int]) -> torch.Tensor:
+        """Flat indices into (B * T) of the positions whose *next* token is in segment `seg` (or in
+        each of several segments, ordered as in `positions`).
 
         A causal LM's output at position i predicts token i + 1, so these are the segment's
         positions shifted left by one. The segment's first token is predicted by the last
         position of the segment before it, hence `seg` must not start a row.
         """
-        if bool(((self.starts[:, seg] == 0) & (self.lengths[:, seg] > 0)).any()):
+        segs = [seg] if isinstance(seg, int) else list(seg)
+        if bool(((self.starts[:, segs] == 0) & (self.lengths[:, segs] > 0)).any()):
             raise ValueError(f"Prompt.predicting: segment {seg} starts a row; nothing predicts its first token")
-        return self._span(seg, shift=-1)
+        return self._span(segs, shift=-1)
 
-    def _span(self, seg: int, shift: int) -> torch.Tensor:
+    def _span(self, seg: int | Sequence[int], shift: int) -> torch.Tensor:
         B, T = self.attention_mask.shape
-        L = self.lengths[:, seg]  # (B,)
-        row = torch.repeat_interleave(torch.arange(B, device=L.device), L)  # (N,)
-        first = torch.repeat_interleave(self.starts[:, seg] + shift, L)  # (N,)
+        segs = [seg] if isinstance(seg, int) else list(seg)
+        L = self.lengths[:, segs].reshape(-1)  # (B * S,) row-major: row b's segments, then row b + 1's
+        rows = torch.arange(B, device=L.device).repeat_interleave(len(segs))  # (B * S,)
+        row = torch.repeat_interleave(rows, L)  # (N,)
+        first = torch.repeat_interleave(self.starts[:, segs].reshape(-1) + shift, L)  # (N,)
         offset = torch.arange(int(L.sum()), device=L.device) - torch.repeat_interleave(L.cumsum(0) - L, L)
         return row * T + first + offset
 
@@ -93,35 +98,56 @@ def build_prompt(rows: Sequence[Sequence[Segment]], wte: nn.Embedding) -> Prompt
     speech segments are used as given (their gradient flows back to the projector). Positions are
     0..len-1 in every row and padding sits at the end, so a causal LM's real positions never see
     padding, and an example gives the same result alone or in a batch.
+
+    A training step or a few-shot batch holds hundreds of segments, so the layout is planned in
+    Python and the tensors are assembled by one gather: every position (b, t) reads one row of
+    [text embeddings; speech segments; a zero row for padding].
     """
     device, dtype = wte.weight.device, wte.weight.dtype
+    C = wte.weight.shape[1]
     n_seg = max((len(r) for r in rows), default=0)
-    text = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for r in rows for s in r if not _is_speech(s)]
-    text_embeds = iter(wte(torch.cat(text).to(device)).split([len(t) for t in text]) if text else ())
-    lengths = torch.zeros(len(rows), n_seg, dtype=torch.long)
-    row_embeds = []
+    token_ids: list[int] = []  # every text token, in row order
+    speech: list[torch.Tensor] = []
+    lengths = [[0] * n_seg for _ in rows]  # (B, S)
+    sources: list[list[tuple[bool, int]]] = []  # per row, per segment: (is speech, start in its source)
+    n_speech = 0
     for b, row in enumerate(rows):
-        pieces = []
+        sources.append([])
         for s, seg in enumerate(row):
             if _is_speech(seg):
-                if seg.dim() != 2 or seg.shape[1] != wte.weight.shape[1]:
-                    raise ValueError(f"build_prompt: speech segment must be (L, {wte.weight.shape[1]}), got {tuple(seg.shape)}")
-                piece = seg.to(device=device, dtype=dtype)
+                if seg.dim() != 2 or seg.shape[1] != C:
+                    raise ValueError(f"build_prompt: speech segment must be (L, {C}), got {tuple(seg.shape)}")
+                sources[b].append((True, n_speech))
+                speech.append(seg.to(device=device, dtype=dtype))
+                lengths[b][s] = seg.shape[0]
+                n_speech += seg.shape[0]
             else:
-                piece = next(text_embeds)
-            pieces.append(piece)
-            lengths[b, s] = piece.shape[0]
-        row_embeds.append(torch.cat(pieces) if pieces else wte.weight.new_zeros(0, wte.weight.shape[1]))
-    embeds = nn.utils.rnn.pad_sequence(row_embeds, batch_first=True)  # (B, T, C), zeros on the right
-    T = embeds.shape[1]
-    row_len = lengths.sum(1).to(device)
+                ids = seg.reshape(-1).tolist() if isinstance(seg, torch.Tensor) else list(seg)
+                sources[b].append((False, len(token_ids)))
+                lengths[b][s] = len(ids)
+                token_ids += ids
+    row_len = [sum(r) for r in lengths]
+    B, T = len(rows), max(row_len, default=0)
+    # the source: text embeddings, then speech, then one zero row that every padding position reads
+    n_text = len(token_ids)
+    pad = n_text + n_speech
+    index = []  # (B * T,)
+    for b in range(B):
+        for (is_speech, start), n in zip(sources[b], lengths[b]):
+            first = n_text + start if is_speech else start
+            index += range(first, first + n)
+        index += [pad] * (T - row_len[b])
+    text = wte(torch.tensor(token_ids, dtype=torch.long, device=device))  # (n_text, C)
+    source = torch.cat([text, *speech, text.new_zeros(1, C)])  # (n_text + n_speech + 1, C)
+    embeds = source[torch.tensor(index, dtype=torch.long, device=device)].view(B, T, C)  # (B, T, C)
+    lengths_t = torch.tensor(lengths, dtype=torch.long).reshape(B, n_seg)
     positions = torch.arange(T, device=device)
     return Prompt(
         embeds=embeds,
-        attention_mask=positions[None, :] < row_len[:, None],
-        position_ids=positions[None, :].expand(len(rows), T),
-        starts=(lengths.cumsum(1) - lengths).to(device),
-        lengths=lengths.to(device),
+        attention_mask=positions[None, :] < torch.tensor(row_len, device=device).reshape(B, 1),
+        position_ids=positions[None, :].expand(B, T),
+        starts=(lengths_t.cumsum(1) - lengths_t).to(device),
+        lengths=lengths_t.to(device),
     )
 
 
@@ -226,11 +252,8 @@ class Seal(nn.Module):
         prompt = self.prompt(rows)  # a row longer than the LM's context is refused by the LM itself
         h = self.hidden(prompt)  # (B, T, C)
         h = h.reshape(-1, h.shape[-1])
-        # predicting(s) lists segment s's positions row by row; regroup them into example order
-        per_line = [prompt.predicting(4 * l + 2).split(prompt.lengths[:, 4 * l + 2].tolist())
-                    for l in range(min(L, len(first)))]
-        order = [per_line[l][r] for r in range(len(rows)) for l in range(L) if r * L + l < len(first)]
-        return h[torch.cat(order)]
+        # row by row, line by line: example order (a shorter last row's missing lines have length 0)
+        return h[prompt.predicting([4 * l + 2 for l in range(min(L, len(first)))])]
 
     @torch.no_grad()
     def teacher_hidden(self, text_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:

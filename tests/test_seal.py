@@ -39,6 +39,12 @@ def test_build_prompt_layout_and_batch_equals_items():
     # positions predicting segment 1: the position before each of its tokens
     assert p.predicting(1).tolist() == [1, 2, 3, 6 + 0, 6 + 1, 6 + 2]
     assert p.positions(2).tolist() == [5]
+    # several segments at once: row by row, and within a row in the order asked (how Seal gathers every line's target)
+    assert p.predicting([1, 2]).tolist() == [1, 2, 3, 4, 6 + 0, 6 + 1, 6 + 2]
+    assert p.positions([2, 0]).tolist() == [5, 0, 1, 6 + 0]
+    # a text segment may also be a 1-D tensor of ids
+    same = seal.prompt([[torch.tensor([5, 6]), speech, [7]], [[8], torch.tensor([9, 10, 11])]])
+    assert torch.equal(same.embeds, p.embeds) and torch.equal(same.lengths, p.lengths)
     with pytest.raises(ValueError, match="starts a row"):
         p.predicting(0)
     # a row gives the same hidden states alone as in the padded batch
