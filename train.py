@@ -1010,7 +1010,9 @@ def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT
     model = GPT(GPTConfig(block_size=cfg.lm_context, vocab_size=tok.vocab_size, n_layer=cfg.lm_layers,
                           n_head=cfg.lm_heads, n_embd=cfg.lm_width, bos_token_id=tok.eot_id,
                           eos_token_id=tok.eot_id)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # foreach: each update op runs once over all 40 tensors; on the CPU the default loops over them in Python.
+    # The same arithmetic: the trained LM is bit-identical (measured), 1-2 ms faster per step.
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, betas=(0.9, 0.98), weight_decay=0.01, foreach=True)
     text_corpus = data.LMCorpus(data.fsc_grammar(), seed=seed, arbitrary=cfg.lm_arbitrary)
     buffer: list[int] = []
     check_at = set(lm_check_steps(cfg))
@@ -1040,7 +1042,7 @@ def train_lm(cfg: WorldConfig, tok: SentencePieceTokenizer, check: Callable[[GPT
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         if step + 1 in check_at:
             model.eval()
@@ -1131,7 +1133,7 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     model = HuBERT(config, masked_pretraining=True)
     head = torch.nn.Linear(config.n_embd, cfg.hubert_units)
     params = [*model.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.hubert_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.hubert_lr, weight_decay=0.01, foreach=True)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.hubert_steps), desc="tiny-hubert", unit="step")
     for step in bar:
@@ -1157,7 +1159,7 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
         loss, acc = masked_prediction_loss(model, head, wav, lengths, target, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", unit_acc=f"{acc.item():.2f}")
     encoder = HuBERT(config)  # the released encoder has no pre-training parts (mask vector, unit head)
