@@ -1,6 +1,8 @@
 """The micro world (train.py, `python train.py` with no flags): MFCC against an independent numpy
 computation, the HuBERT pre-training helpers, and a scaled-down run of the whole chain."""
+import contextlib
 import dataclasses
+import io
 import json
 import random
 
@@ -105,31 +107,91 @@ def test_lm_corpus_episodes_are_consistent():
     assert n_episodes > 50
 
 
-def test_quick_world_chain(tmp_path, monkeypatch, capsys):
-    """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
-    from decoder import GPT, load_tokenizer
-    from encoder import HuBERT
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    """The toy-sized chain, built once for the tests below. Returns its cache folder, its table, the batch sizes
+    that went through the frozen encoder, what it printed, and its figures as built (later tests rebuild stages)."""
     from seal import Seal
 
-    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
-    cfg = train.WorldConfig.quick()
-    encoded = []  # batch sizes that went through the frozen encoder
+    cache = tmp_path_factory.mktemp("quick-world")
+    encoded = []
     real_encode = Seal.encode
 
     def counting_encode(self, wav, lengths=None):
         encoded.append(len(wav))
         return real_encode(self, wav, lengths)
 
-    monkeypatch.setattr(Seal, "encode", counting_encode)
-    table = train.run_micro_world([], cfg)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("SEAL_CACHE", str(cache))
+        mp.setattr(Seal, "encode", counting_encode)
+        table = train.run_micro_world([], train.WorldConfig.quick())
+    world = cache / "micro-world"
+    last = {name: {k: v for line in (world / name / train.METRICS_NAME).read_text().splitlines()
+                   for k, v in json.loads(line).items() if k in ("loss", "eval_kl")}
+            for name in ("seal-fsc", "psrt-fsc")}
+    draws = json.loads((cache / "tiny-lm" / "draws.json").read_text())
+    return dict(cache=cache, table=table, encoded=encoded, printed=printed.getvalue(), last=last, draws=draws)
+
+
+# The toy chain's figures on the 2-core CPU machine, with the pinned espeakng-loader (the same at 1 and 2 torch
+# threads). Every stage feeds them: speech synthesis, tokenizer, LM draws, HuBERT, both projectors, the few-shot
+# scorer. A change that moves them changed what the chain computes: if that was meant (or a dependency such as
+# sentencepiece changed its output), check the new figures and replace these with what the failure prints.
+QUICK_WORLD_GOLDEN = {
+    # the LM stage's check per draw (2-way 1-shot, natural labels): the first two under the bar, so the quick
+    # chain also exercises the fallback draws and their lower noise
+    "draws": [(1.5, 2 / 3), (0.75, 2 / 3), (0.75, 1.0)],
+    # the last training loss and held-out KL of each projector (5 steps)
+    "seal-fsc": {"loss": 0.274333, "eval_kl": 0.132034},
+    "psrt-fsc": {"loss": 2.262168, "eval_kl": 0.113267},
+    # few-shot accuracy per (labels, row): k = 0, 1; one seed x 40 queries
+    "table": {
+        ("natural", "text oracle"): (0.975, 0.875), ("natural", "Seal (KL)"): (0.4, 0.5),
+        ("natural", "PSRT (CE)"): (0.425, 0.475), ("natural", "untrained projector"): (0.45, 0.5),
+        ("arbitrary", "text oracle"): (0.45, 0.45), ("arbitrary", "Seal (KL)"): (0.45, 0.425),
+        ("arbitrary", "PSRT (CE)"): (0.45, 0.425), ("arbitrary", "untrained projector"): (0.45, 0.4),
+    },
+}
+
+
+def test_quick_world_golden(quick_world):
+    """llama2.c's golden test, for the whole chain: the toy world's figures are pinned (QUICK_WORLD_GOLDEN).
+    Losses to 1e-4 (thread counts move them by about 1e-6); accuracies to one query of 40 (a rounding
+    difference on another CPU may flip one)."""
+    table = quick_world["table"]
+    actual = {
+        "draws": [(d["lm_noise"], d["check"]) for d in quick_world["draws"]],
+        **quick_world["last"],
+        "table": {(labels, row): tuple(next(r["accuracy"] for r in table["results"] if (r["labels"], r["row"], r["k"])
+                                            == (labels, row, k)) for k in (0, 1))
+                  for labels, row in QUICK_WORLD_GOLDEN["table"]},
+    }
+    golden = QUICK_WORLD_GOLDEN
+    assert actual["draws"] == pytest.approx(golden["draws"], abs=1e-9), actual
+    for name in ("seal-fsc", "psrt-fsc"):
+        assert actual[name] == pytest.approx(golden[name], rel=1e-4), actual
+    for key, accs in golden["table"].items():
+        assert actual["table"][key] == pytest.approx(accs, abs=1 / 40 + 1e-9), (key, actual)
+
+
+def test_quick_world_chain(quick_world, monkeypatch):
+    """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
+    from decoder import GPT, load_tokenizer
+    from encoder import HuBERT
+    from seal import Seal
+
+    tmp_path, table = quick_world["cache"], quick_world["table"]
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
+    cfg = train.WorldConfig.quick()
     # every utterance is encoded once: both projectors and the table share the train split's features
-    assert sum(encoded) == cfg.n_train + cfg.n_valid + cfg.n_test
+    assert sum(quick_world["encoded"]) == cfg.n_train + cfg.n_valid + cfg.n_test
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     assert lm.config.n_layer == cfg.lm_layers and tok.vocab_size == lm.config.vocab_size
     # the LM stage reported the in-context check of the model it saved
     name, check = train.lm_check(cfg, tmp_path / "micro-world" / "synthetic-fsc", tok)
     assert name == "2-way 1-shot accuracy on text, natural labels"
-    assert f"tiny-lm: {name}: {check(lm):.0%} (chance 50%)" in capsys.readouterr().out
+    assert f"tiny-lm: {name}: {check(lm):.0%} (chance 50%)" in quick_world["printed"]
     assert HuBERT.from_pretrained("tiny-hubert").config.n_layer == cfg.hubert_layers
     for folder in ("seal-fsc", "psrt-fsc"):
         seal = Seal.from_pretrained(tmp_path / "micro-world" / folder / train.PROJECTOR_NAME)
