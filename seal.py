@@ -61,7 +61,7 @@ class Prompt:
     def positions(self, seg: int | Sequence[int]) -> torch.Tensor:
         """Flat indices into (B * T) of segment `seg`'s positions, row by row (for several segments:
         row by row, and within a row in the order given)."""
-        return self._span(seg, shift=0)
+        return self._span(_segment_list(seg), shift=0)
 
     def predicting(self, seg: int | Sequence[int]) -> torch.Tensor:
         """Flat indices into (B * T) of the positions whose *next* token is in segment `seg` (or in
@@ -71,20 +71,23 @@ class Prompt:
         positions shifted left by one. The segment's first token is predicted by the last
         position of the segment before it, hence `seg` must not start a row.
         """
-        segs = [seg] if isinstance(seg, int) else list(seg)
+        segs = _segment_list(seg)
         if bool(((self.starts[:, segs] == 0) & (self.lengths[:, segs] > 0)).any()):
             raise ValueError(f"Prompt.predicting: segment {seg} starts a row; nothing predicts its first token")
         return self._span(segs, shift=-1)
 
-    def _span(self, seg: int | Sequence[int], shift: int) -> torch.Tensor:
+    def _span(self, segs: list[int], shift: int) -> torch.Tensor:
         B, T = self.attention_mask.shape
-        segs = [seg] if isinstance(seg, int) else list(seg)
         L = self.lengths[:, segs].reshape(-1)  # (B * S,) row-major: row b's segments, then row b + 1's
         rows = torch.arange(B, device=L.device).repeat_interleave(len(segs))  # (B * S,)
         row = torch.repeat_interleave(rows, L)  # (N,)
         first = torch.repeat_interleave(self.starts[:, segs].reshape(-1) + shift, L)  # (N,)
         offset = torch.arange(int(L.sum()), device=L.device) - torch.repeat_interleave(L.cumsum(0) - L, L)
         return row * T + first + offset
+
+
+def _segment_list(seg: int | Sequence[int]) -> list[int]:
+    return [seg] if isinstance(seg, int) else list(seg)
 
 
 def _is_speech(seg: Segment) -> bool:

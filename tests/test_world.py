@@ -159,15 +159,13 @@ def test_quick_world_golden(quick_world):
     """llama2.c's golden test, for the whole chain: the toy world's figures are pinned (QUICK_WORLD_GOLDEN).
     Losses to 1e-4 (thread counts move them by about 1e-6); accuracies to one query of 40 (a rounding
     difference on another CPU may flip one)."""
-    table = quick_world["table"]
+    golden = QUICK_WORLD_GOLDEN
+    cells = {(r["labels"], r["row"], r["k"]): r["accuracy"] for r in quick_world["table"]["results"]}
     actual = {
         "draws": [(d["lm_noise"], d["check"]) for d in quick_world["draws"]],
         **quick_world["last"],
-        "table": {(labels, row): tuple(next(r["accuracy"] for r in table["results"] if (r["labels"], r["row"], r["k"])
-                                            == (labels, row, k)) for k in (0, 1))
-                  for labels, row in QUICK_WORLD_GOLDEN["table"]},
+        "table": {key: tuple(cells[(*key, k)] for k in (0, 1)) for key in golden["table"]},
     }
-    golden = QUICK_WORLD_GOLDEN
     assert actual["draws"] == pytest.approx(golden["draws"], abs=1e-9), actual
     for name in ("seal-fsc", "psrt-fsc"):
         assert actual[name] == pytest.approx(golden[name], rel=1e-4), actual
