@@ -13,8 +13,8 @@ field, e.g. `--set lm_noise=0.75 --set lm_heads=2`.
 
 It reads the micro world's corpus (stage 1, for the check's utterances) from $SEAL_CACHE and writes nothing
 there: build it first with `python train.py` (or at least its first stage). At the default sizes, two draws at
-a time on the 2-core CPU, one thread each, took 16-17 minutes (measured). A GPU trains other draws than the CPU:
-its random numbers differ (train.train_lm).
+a time on the 2-core CPU, one thread each, took 16-17 minutes; on an H200 (16 cores), 14 draws at a time took
+127-136 s (measured). A GPU trains other draws than the CPU: its random numbers differ (train.train_lm).
 
     python bench/bench_lm_draws.py --draws 2                          # the chain's recipe, draws 0 and 1
     python bench/bench_lm_draws.py --draws 4 --set lm_noise=0.75      # a variant, two draws at a time
