@@ -14,6 +14,7 @@ import data
 import train
 from data import MFCC_DIM, mfcc
 from encoder import kmeans, span_mask
+from test_train import metrics  # a run folder's metrics.jsonl, one dict per line
 
 
 def numpy_mfcc(x, sr=16000, win=400, hop=320, n_fft=512, n_mels=40, n_ceps=13, fmin=20.0, fmax=8000.0):
@@ -127,8 +128,7 @@ def quick_world(tmp_path_factory):
         mp.setattr(Seal, "encode", counting_encode)
         table = train.run_micro_world([], train.WorldConfig.quick())
     world = cache / "micro-world"
-    last = {name: {k: v for line in (world / name / train.METRICS_NAME).read_text().splitlines()
-                   for k, v in json.loads(line).items() if k in ("loss", "eval_kl")}
+    last = {name: {k: v for r in metrics(world / name) for k, v in r.items() if k in ("loss", "eval_kl")}
             for name in ("seal-fsc", "psrt-fsc")}
     draws = json.loads((cache / "tiny-lm" / "draws.json").read_text())
     return dict(cache=cache, table=table, encoded=encoded, printed=printed.getvalue(), last=last, draws=draws)
