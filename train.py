@@ -746,7 +746,7 @@ class WorldConfig:
     # 1. speech corpus: utterances per split, and voices per split (disjoint accents/variants)
     # 8,000 train clips instead raised Seal's arbitrary-label k = 5 accuracy from 78.1% to 80.1% of the text oracle's
     # on average over three encoder seeds (exploratory runs), but its fresh chain took 1,245 s: over the 20 minutes
-    # (README, "Tried at T = 2")
+    # (bench/EXPERIMENTS.md, "Tried at T = 2")
     n_train: int = 4000
     n_valid: int = 100
     n_test: int = 400
@@ -765,8 +765,8 @@ class WorldConfig:
     lm_vocab: int = 700  # BPE size: about one token per word of the grammar
     # In-context learning of arbitrary labels appears late and suddenly, at a step that depends on the random
     # draws: the chain's LM learns it at step 2,500; trained on a GPU, 3 of 14 draws of this recipe did so within
-    # 3,000 steps (README, "When in-context learning appears"). With a 2,700-step schedule it had not (measured).
-    # So world_lm trains another draw when one does not (LM_DRAWS).
+    # 3,000 steps (bench/EXPERIMENTS.md, "When in-context learning appears"). With a 2,700-step schedule it had
+    # not (measured). So world_lm trains another draw when one does not (LM_DRAWS).
     lm_steps: int = 3000
     lm_batch: int = 5
     lm_seq: int = 512  # tokens per training row (documents are packed): every position gets trained
@@ -780,8 +780,8 @@ class WorldConfig:
     # 11 at 1.0, 13 at 0.75, 14 at 0.5), but Seal reads such an LM worse. The chain's own draw at 1.0 learned
     # only at its last check (64%) and made a weaker world than this one (valid split, arbitrary labels, k = 5:
     # text oracle 64.3% against 93.3%, Seal 53.0% against 63.7%); at 0.75 it learned early (oracle 98.0%) but
-    # Seal fell to 59.0% (test split: 64.1% of the oracle against 79.3%). So the first draw keeps 1.5 (README,
-    # "When in-context learning appears").
+    # Seal fell to 59.0% (test split: 64.1% of the oracle against 79.3%). So the first draw keeps 1.5
+    # (bench/EXPERIMENTS.md, "When in-context learning appears").
     lm_noise: float = 1.5
     # 3. tiny HuBERT
     hubert_layers: int = 3
@@ -803,8 +803,8 @@ class WorldConfig:
     # of an earlier line's transcript), per step; the KL (Seal) projector only. Off: 2 of them with 4 copy rows (76
     # clips) gave Seal's arbitrary-label k = 5 accuracy 81.0%, 83.1%, 78.9% of the oracle's at projector seeds 0, 1, 2
     # (mean 81.0%) against 79.3%, 82.3%, 80.3% (mean 80.6%) with 5 copy rows, in about the same time, and natural
-    # labels 82.6% against 85.0% on average (README; measured before the rows were drawn per step instead of per
-    # micro-batch and rank, which draws other rows)
+    # labels 82.6% against 85.0% on average (bench/EXPERIMENTS.md; measured before the rows were drawn per step
+    # instead of per micro-batch and rank, which draws other rows)
     seal_match_rows: int = 0
     seal_lr: float = 1e-3
     # KL temperature T (REFERENCE.md): the student matches the teacher's softened distribution, so the words the
@@ -993,8 +993,8 @@ LM_DRAWS = 3  # the LM stage trains up to this many draws until one learns in co
 LM_DRAW_STRIDE = 1000  # draw d trains with seed cfg.seed + 1000 d: another initialization, documents and noise
 # Draws after the first train with this share of cfg.lm_noise. With less noise, in-context learning appears on
 # more draws (3 of 4 at 0.75, against 1 of 4 at 1.5 on the same CPU draws; 13 of 14 against 3 of 14 on a GPU;
-# README, "When in-context learning appears"), but Seal reads the LM less well: the first draw keeps the chain's
-# recipe, the next ones raise the odds that the world is valid.
+# bench/EXPERIMENTS.md, "When in-context learning appears"), but Seal reads the LM less well: the first draw
+# keeps the chain's recipe, the next ones raise the odds that the world is valid.
 LM_FALLBACK_NOISE = 0.5
 
 
@@ -1069,8 +1069,8 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     bar's "icl" (lm_check, measured LM_CHECKS times on the corpus's text) stays near chance, then jumps
     (at the default sizes: 20-27% up to step 2,250, then 60% at 2,500, 83% at 2,750, 94% at 3,000).
 
-    Whether it appears within lm_steps is a matter of the random draws (README, "When in-context learning
-    appears": 3 of 14 draws of this recipe on a GPU). A world whose LM does not learn in context is not valid,
+    Whether it appears within lm_steps is a matter of the random draws (bench/EXPERIMENTS.md, "When in-context
+    learning appears": 3 of 14 draws of this recipe on a GPU). A world whose LM does not learn in context is not valid,
     so a draw that ends under half-way from chance to 100% on the check is set aside and another is trained,
     with LM_FALLBACK_NOISE of the embedding noise, up to LM_DRAWS; the check uses the valid split, never the
     test split of the table. The draws are recorded in draws.json next to the model."""

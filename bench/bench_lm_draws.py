@@ -1,9 +1,9 @@
 """Benchmark: how reliably a recipe of the micro world's tiny LM learns in context, over its random draws.
 
 The LM stage (train.py, stage 2) learns in context late and suddenly, and whether it does so within
-WorldConfig.lm_steps depends on the random draws (README, "When in-context learning appears"). This trains
-draws 0..N-1 of train.train_lm with the stage's seeds (draw d: WorldConfig.seed + 1,000 d, its own
-initialization, documents and noise; the tokenizer trained as the stage trains it), in parallel worker
+WorldConfig.lm_steps depends on the random draws (bench/EXPERIMENTS.md, "When in-context learning
+appears"). This trains draws 0..N-1 of train.train_lm with the stage's seeds (draw d: WorldConfig.seed +
+1,000 d, its own initialization, documents and noise; the tokenizer trained as the stage trains it), in parallel worker
 processes. Every draw keeps the recipe as given, so that the recipe is what is measured: the stage itself
 trains the draws after its first with less noise (train.LM_FALLBACK_NOISE). It prints each draw's check as it is measured (train.lm_check: 4-way 5-shot accuracy on text,
 arbitrary labels, 100 queries of the valid split, LM_CHECKS times per draw), then a summary: the check at
