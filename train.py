@@ -1179,15 +1179,17 @@ def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     return out
 
 
-def world_train_config(cfg: WorldConfig, corpus: Path, loss: str = "kl", out: Path | None = None) -> TrainConfig:
-    """Stage 4's train() settings: the synthetic train split, the world's models and separator."""
+def world_train_config(cfg: WorldConfig, corpus: Path, loss: str = "kl", out: Path | None = None,
+                       seed: int | None = None) -> TrainConfig:
+    """Stage 4's train() settings: the synthetic train split, the world's models and separator. `seed`: the
+    projector's training seed (initialization and batch order), cfg.seed unless given."""
     return TrainConfig(
         encoder="tiny-hubert", lm="tiny-lm", data=f"synthetic:{corpus}", loss=loss, separator=data.COPY_SEPARATOR,
         rate=cfg.rate, projector_hidden=cfg.projector_hidden, encoder_layer=cfg.encoder_layer,
         match_embedding_norm=True, lines=cfg.seal_lines, batch_size=cfg.seal_batch, max_steps=cfg.seal_steps,
         temperature=cfg.seal_temperature, lr=cfg.seal_lr, warmup_steps=min(30, cfg.seal_steps),
         match_rows=cfg.seal_match_rows if loss == "kl" else 0,
-        eval_every=max(1, cfg.seal_steps // 3), save_every=cfg.seal_steps, seed=cfg.seed,
+        eval_every=max(1, cfg.seal_steps // 3), save_every=cfg.seal_steps, seed=cfg.seed if seed is None else seed,
         out_dir=str(out) if out is not None else TrainConfig.out_dir,
         resume=out is not None and (out / CKPT_NAME).is_file())
 
@@ -1203,9 +1205,12 @@ def world_examples(cfg: WorldConfig, corpus: Path) -> tuple[list[Example], list[
 
 
 def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
-                    examples: tuple[list[Example], list[Example]] | None = None) -> Path:
-    """Stage 4: train() itself, on world_examples (train() builds them when not given)."""
-    out = cfg.cache / "micro-world" / f"{'seal' if loss == 'kl' else 'psrt'}-fsc"
+                    examples: tuple[list[Example], list[Example]] | None = None,
+                    folder: Path | None = None, seed: int | None = None) -> Path:
+    """Stage 4: train() itself, on world_examples (train() builds them when not given), into
+    folder/{seal,psrt}-fsc (folder: the cache's micro-world/). `seed`: the projector's training seed,
+    cfg.seed unless given (bench/bench_projector_seeds.py trains others, each in a folder of its own)."""
+    out = (folder or cfg.cache / "micro-world") / f"{'seal' if loss == 'kl' else 'psrt'}-fsc"
     ckpt = out / CKPT_NAME
     if stage_matches(out, cfg, "projector") and ckpt.is_file():
         if torch.load(ckpt, weights_only=True)["step"] >= cfg.seal_steps:
@@ -1213,17 +1218,21 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
     else:  # a fresh start; the stamp goes first, so that an interrupted run resumes (train's --resume)
         out.mkdir(parents=True, exist_ok=True)
         write_stamp(out, cfg, "projector")
-    train(world_train_config(cfg, corpus, loss, out), examples=examples)
+    train(world_train_config(cfg, corpus, loss, out, seed), examples=examples)
     return out
 
 
 @torch.no_grad()
-def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()) -> dict:
+def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = (), folder: Path | None = None,
+                seed: int | None = None) -> dict:
     """Stage 5: N-way k-shot intent accuracy on the test split (voices never heard in training), with
     natural and arbitrary labels (few_shot_accuracy), for four rows: the text oracle (the true
     transcripts in place of speech), Seal (KL), PSRT (CE) and an untrained projector (the floor).
     `examples`: train-split examples whose encoder features are already computed (world_examples).
+    `folder`: where the projectors are and table.json goes (default: the cache's micro-world/); `seed`: the
+    projectors' training seed, which also draws the untrained projector (default cfg.seed).
     """
+    folder = folder or cfg.cache / "micro-world"
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     hubert = HuBERT.from_pretrained("tiny-hubert")
     splits = {name: data.FluentSpeechCommands(corpus, name) for name in ("train", "test")}
@@ -1232,12 +1241,12 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
 
     # Soft tokens of every utterance for each projector: the encoder runs once per utterance.
     seals = {}
-    for row, folder in (("Seal (KL)", "seal-fsc"), ("PSRT (CE)", "psrt-fsc")):
-        config, state = read_projector(cfg.cache / "micro-world" / folder / PROJECTOR_NAME)
+    for row, name in (("Seal (KL)", "seal-fsc"), ("PSRT (CE)", "psrt-fsc")):
+        config, state = read_projector(folder / name / PROJECTOR_NAME)
         projector = Projector(config.projector)
         projector.load_state_dict(state)
         seals[row] = Seal(hubert, projector, lm, tok, config)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if seed is None else seed)
     seals["untrained projector"] = Seal(hubert, Projector(seals["Seal (KL)"].projector.config), lm, tok,
                                         seals["Seal (KL)"].config)
     inputs: dict[str, dict[str, list]] = {"text oracle": texts}
@@ -1276,7 +1285,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     bar.close()
     table = dict(n_way=cfg.n_way, chance=1 / cfg.n_way, queries=cfg.table_queries, seeds=cfg.table_seeds,
                  results=results)
-    (cfg.cache / "micro-world" / "table.json").write_text(json.dumps(table, indent=1))
+    (folder / "table.json").write_text(json.dumps(table, indent=1))
     return table
 
 

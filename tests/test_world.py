@@ -173,6 +173,44 @@ def test_quick_world_golden(quick_world):
         assert actual["table"][key] == pytest.approx(accs, abs=1 / 40 + 1e-9), (key, actual)
 
 
+def test_bench_projector_seeds(quick_world, monkeypatch, capsys):
+    """bench/bench_projector_seeds.py: the chain's seed reuses the chain's projectors and gives the chain's table;
+    another seed trains projectors of its own; the aggregate is over training seeds; the chain's folders are
+    left as they were. (Runs before test_quick_world_chain, which rebuilds the toy world's encoder.)"""
+    from bench.bench_projector_seeds import aggregate, main
+
+    cache, world = quick_world["cache"], quick_world["cache"] / "micro-world"
+    monkeypatch.setenv("SEAL_CACHE", str(cache))
+    chain_table = (world / "table.json").read_text()
+    json_path = cache / "seeds.json"
+    tables = main(["--seeds", "2", "--json", str(json_path)], base=train.WorldConfig.quick())
+    assert tables[0] == quick_world["table"]  # the chain's seed: the same projectors, the same episodes
+    assert (world / "projector-seeds" / "seed0" / "seal-fsc").resolve() == (world / "seal-fsc").resolve()
+    seeds = world / "projector-seeds"
+    for name in ("seal-fsc", "psrt-fsc"):
+        ours, chain = (train.read_projector(f / name / train.PROJECTOR_NAME)[1] for f in (seeds / "seed1", world))
+        assert not (seeds / "seed1" / name).is_symlink()
+        assert any(not torch.equal(ours[k], chain[k]) for k in chain), name  # seed 1 trained its own
+    assert (world / "table.json").read_text() == chain_table
+    cells = aggregate(tables)
+    seal = cells[("arbitrary", "Seal (KL)", 1)]
+    by_seed = [t_["accuracy"] for s in (0, 1) for t_ in tables[s]["results"]
+               if (t_["labels"], t_["row"], t_["k"]) == ("arbitrary", "Seal (KL)", 1)]
+    assert list(seal["by_seed"].values()) == by_seed
+    assert seal["accuracy"] == pytest.approx(np.mean(by_seed)) and seal["std"] == pytest.approx(np.std(by_seed))
+    printed = capsys.readouterr().out
+    assert "mean ± std over 2 projector training seeds (0, 1)" in printed
+    assert "Seal / text oracle at k = 1, arbitrary labels: " in printed
+    saved = json.loads(json_path.read_text())
+    assert saved["tables"]["1"] == tables[1] and len(saved["aggregate"]) == len(tables[0]["results"])
+    # a rerun reuses seed 1's finished projectors
+    before = (seeds / "seed1" / "seal-fsc" / train.PROJECTOR_NAME).stat().st_mtime_ns
+    assert main(["--seeds", "2"], base=train.WorldConfig.quick()) == tables
+    assert (seeds / "seed1" / "seal-fsc" / train.PROJECTOR_NAME).stat().st_mtime_ns == before
+    with pytest.raises(SystemExit, match="--set lm_noise: this benchmark only changes"):
+        main(["--set", "lm_noise=1.0"], base=train.WorldConfig.quick())
+
+
 def test_quick_world_chain(quick_world, monkeypatch):
     """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
     from decoder import GPT, load_tokenizer
