@@ -32,6 +32,9 @@ import train  # noqa: E402
 from bench.bench_lm_draws import parse_settings  # noqa: E402
 
 PROJECTORS = {"kl": "seal-fsc", "ce": "psrt-fsc"}  # loss -> folder, as in the chain
+# WorldConfig fields this benchmark may change: the projectors' stamp group (train.WorldConfig.stamp) and the
+# table's. The corpus, LM and encoder settings are refused: the chain would rebuild those stages, in place.
+PROJECTOR_FIELDS = ("rate", "projector_", "seal_", "encoder_layer", "n_way", "shots", "table_")
 
 
 def link_chain_projectors(cfg: train.WorldConfig, folder: Path) -> bool:
@@ -70,10 +73,10 @@ def summarize(tables: dict[int, dict], shots: list[int]) -> str:
     table = dict(n_way=first["n_way"], chance=first["chance"], queries=first["queries"], seeds=first["seeds"],
                  results=[dict(labels=l, row=r, k=k, **{n: c[n] for n in ("accuracy", "std")})
                           for (l, r, k), c in cells.items()])
-    head, *rest = train.format_table(table, shots).split("\n")
-    lines = [f"{head.split(', mean')[0]}; mean ± std over {len(tables)} projector training seeds "
-             f"({', '.join(map(str, tables))}), each the mean of {first['seeds']} evaluation seeds x "
-             f"{first['queries']} queries; chance {first['chance']:.0%}", *rest, ""]
+    rows = train.format_table(table, shots).split("\n")[1:]  # its first line names evaluation seeds only
+    lines = [f"{first['n_way']}-way k-shot intent accuracy, synthetic FSC-style test split (unseen voices); mean ± std "
+             f"over {len(tables)} projector training seeds ({', '.join(map(str, tables))}), each the mean of "
+             f"{first['seeds']} evaluation seeds x {first['queries']} queries; chance {first['chance']:.0%}", *rows, ""]
     k = max(shots)
     for labels in ("natural", "arbitrary"):
         oracle, seal = cells[(labels, "text oracle", k)], cells[(labels, "Seal (KL)", k)]
@@ -81,11 +84,6 @@ def summarize(tables: dict[int, dict], shots: list[int]) -> str:
         lines.append(f"Seal / text oracle at k = {k}, {labels} labels: "
                      + ", ".join(f"{x:.1%}" for x in ratios) + f" (mean {np.mean(ratios):.1%})")
     return "\n".join(lines)
-
-
-# WorldConfig fields this benchmark may change: the projectors' stamp group (train.WorldConfig.stamp) and the
-# table's. The corpus, LM and encoder settings are refused: the chain would rebuild those stages, in place.
-PROJECTOR_FIELDS = ("rate", "projector_", "seal_", "encoder_layer", "n_way", "shots", "table_")
 
 
 def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -> dict[int, dict]:
