@@ -738,6 +738,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 # Each stage stamps its folder with the WorldConfig settings that built it (STAMP_NAME). A stage with a
 # matching stamp is skipped, so a rerun resumes where the last one stopped; one built with other
 # settings is rebuilt, and so is every stage after it.
+# WorldConfig fields (by name or prefix) each stage is built from, not counting its upstream stages
+STAMP_GROUPS = {"corpus": ("seed", "n_", "train_voices", "valid_voices", "test_voices"), "lm": ("seed", "lm_"),
+                "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer")}
 
 
 @dataclass
@@ -843,11 +846,9 @@ class WorldConfig:
     def stamp(self, stage: str) -> dict:
         """The settings a stage's artifact is built from, its upstream stages' included (the corpus feeds
         the encoder; all feed the projectors): a cached artifact with another stamp is rebuilt."""
-        groups = {"corpus": ("seed", "n_", "train_voices", "valid_voices", "test_voices"), "lm": ("seed", "lm_"),
-                  "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer")}
         needs = {"corpus": ("corpus",), "lm": ("lm",), "hubert": ("corpus", "hubert"),
                  "projector": ("corpus", "lm", "hubert", "projector")}[stage]
-        prefixes = tuple(p for g in needs for p in groups[g])
+        prefixes = tuple(p for g in needs for p in STAMP_GROUPS[g])
         stamp = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(prefixes)}
         return json.loads(json.dumps(stamp))  # tuples as lists, as read back from the file
 
@@ -855,17 +856,22 @@ class WorldConfig:
 STAMP_NAME = "world.json"  # in every stage's folder: WorldConfig.stamp(stage) of the settings that built it
 
 
+def stamp_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
+    """Whether `out`'s stamp names this config's settings for `stage` (reads only)."""
+    stamp = out / STAMP_NAME
+    return stamp.is_file() and json.loads(stamp.read_text()) == cfg.stamp(stage)
+
+
 def stage_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
     """Whether `out` was built (or, for a projector, started) with this config's settings for `stage`.
 
     A folder built with other settings, or by an older version without a stamp, is removed so that the
     stage is rebuilt; since stamps include upstream settings, the stages after it are rebuilt too."""
-    stamp = out / STAMP_NAME
-    if stamp.is_file() and json.loads(stamp.read_text()) == cfg.stamp(stage):
+    if stamp_matches(out, cfg, stage):
         return True
     if out.is_symlink():  # someone else's folder: not ours to delete
         raise UserError(f"{out} links to {os.readlink(out)}, which was built with other settings than this "
-                        f"WorldConfig ({stamp.name} differs or is missing); remove the link to rebuild the stage here")
+                        f"WorldConfig ({STAMP_NAME} differs or is missing); remove the link to rebuild the stage here")
     if out.exists():
         tqdm.write(f"{out}: built with other settings than this WorldConfig; rebuilding it")
         shutil.rmtree(out)
@@ -1204,13 +1210,16 @@ def world_examples(cfg: WorldConfig, corpus: Path) -> tuple[list[Example], list[
     return load_data(world_train_config(cfg, corpus), load_tokenizer("tiny-lm"))
 
 
+PROJECTOR_FOLDERS = {"kl": "seal-fsc", "ce": "psrt-fsc"}  # stage 4's folder per loss: Seal (KL), PSRT (CE)
+
+
 def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
                     examples: tuple[list[Example], list[Example]] | None = None,
                     folder: Path | None = None, seed: int | None = None) -> Path:
     """Stage 4: train() itself, on world_examples (train() builds them when not given), into
     folder/{seal,psrt}-fsc (folder: the cache's micro-world/). `seed`: the projector's training seed,
     cfg.seed unless given (bench/bench_projector_seeds.py trains others, each in a folder of its own)."""
-    out = (folder or cfg.cache / "micro-world") / f"{'seal' if loss == 'kl' else 'psrt'}-fsc"
+    out = (folder or cfg.cache / "micro-world") / PROJECTOR_FOLDERS[loss]
     ckpt = out / CKPT_NAME
     if stage_matches(out, cfg, "projector") and ckpt.is_file():
         if torch.load(ckpt, weights_only=True)["step"] >= cfg.seal_steps:
@@ -1241,7 +1250,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
 
     # Soft tokens of every utterance for each projector: the encoder runs once per utterance.
     seals = {}
-    for row, name in (("Seal (KL)", "seal-fsc"), ("PSRT (CE)", "psrt-fsc")):
+    for row, name in (("Seal (KL)", PROJECTOR_FOLDERS["kl"]), ("PSRT (CE)", PROJECTOR_FOLDERS["ce"])):
         config, state = read_projector(folder / name / PROJECTOR_NAME)
         projector = Projector(config.projector)
         projector.load_state_dict(state)

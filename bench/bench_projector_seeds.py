@@ -10,8 +10,8 @@ with mean ± std over the training seeds, then each seed's Seal / text-oracle ra
 
 The chain's own seed is not trained again: its projectors are linked from the cache when their settings
 match. Each other seed takes about as long as the chain's projectors and table (about 5 minutes at the
-default sizes on the 2-core CPU; 4:51 measured). Results go to $SEAL_CACHE/micro-world/projector-seeds/seed<S>/ (projectors and
-table.json), a finished seed is reused on a rerun, and the chain's own folders are never written.
+default sizes on the 2-core CPU; 4:51 measured). Results go to $SEAL_CACHE/micro-world/projector-seeds/seed<S>/
+(projectors and table.json), a finished seed is reused on a rerun, and the chain's own folders are never written.
 
     python bench/bench_projector_seeds.py                      # seeds 0, 1, 2 of the chain's recipe
     python bench/bench_projector_seeds.py --seeds 5 --json seeds.json
@@ -31,25 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from bench.bench_lm_draws import parse_settings  # noqa: E402
 
-PROJECTORS = {"kl": "seal-fsc", "ce": "psrt-fsc"}  # loss -> folder, as in the chain
-# WorldConfig fields this benchmark may change: the projectors' stamp group (train.WorldConfig.stamp) and the
+# WorldConfig fields this benchmark may change: the projectors' stamp group (train.STAMP_GROUPS) and the
 # table's. The corpus, LM and encoder settings are refused: the chain would rebuild those stages, in place.
-PROJECTOR_FIELDS = ("rate", "projector_", "seal_", "encoder_layer", "n_way", "shots", "table_")
+PROJECTOR_FIELDS = train.STAMP_GROUPS["projector"] + ("n_way", "shots", "table_")
 
 
 def link_chain_projectors(cfg: train.WorldConfig, folder: Path) -> bool:
     """Link the chain's finished projectors into `folder` if they were trained with cfg's settings."""
     chain = cfg.cache / "micro-world"
-    for name in PROJECTORS.values():
+    for name in train.PROJECTOR_FOLDERS.values():
         link = folder / name
         if link.is_symlink():  # an earlier run's link, perhaps to projectors of other settings
             link.unlink()
-    stamp = cfg.stamp("projector")
-    usable = all((chain / name / train.STAMP_NAME).is_file() and (chain / name / train.PROJECTOR_NAME).is_file()
-                 and json.loads((chain / name / train.STAMP_NAME).read_text()) == stamp for name in PROJECTORS.values())
+    usable = all(train.stamp_matches(chain / name, cfg, "projector") and (chain / name / train.PROJECTOR_NAME).is_file()
+                 for name in train.PROJECTOR_FOLDERS.values())
     if usable:
         folder.mkdir(parents=True, exist_ok=True)
-        for name in PROJECTORS.values():
+        for name in train.PROJECTOR_FOLDERS.values():
             if not (folder / name).exists():
                 (folder / name).symlink_to((chain / name).resolve(), target_is_directory=True)
     return usable
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
         folder = out / f"seed{seed}"
         reused = seed == cfg.seed and link_chain_projectors(cfg, folder)
         print(f"projector seed {seed}: " + ("the chain's projectors" if reused else f"training into {folder}"))
-        for loss in PROJECTORS:
+        for loss in train.PROJECTOR_FOLDERS:
             train.world_projector(cfg, corpus, loss, examples, folder=folder, seed=seed)
         tables[seed] = train.world_table(cfg, corpus, examples[0], folder=folder, seed=seed)
     print(summarize(tables, list(cfg.shots)))
