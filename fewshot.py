@@ -676,16 +676,22 @@ def load_split(task: str, data_dir: str | Path, split: str) -> Split:
 
 
 def find_micro_world(task: str) -> tuple[Path | None, Path | None]:
-    """The micro world's (python train.py) newest Seal projector and synthetic set for `task`.
+    """The micro world's (python train.py) Seal projector and synthetic set for `task`.
 
-    Searched under $SEAL_CACHE (default ~/.cache/seal) and ./runs: the newest `projector.safetensors`
-    trained with the KL loss (Seal; a CE-trained PSRT one only if there is no other), and the newest
-    folder in the FSC layout (data/train_data.csv) or SLURP layout (dataset/slurp/train.jsonl).
+    The projector is the chain's own, $SEAL_CACHE/micro-world/seal-fsc/projector.safetensors, when it
+    exists: the command the chain prints then evaluates what the chain trained, even after other
+    projectors were trained in the same cache (bench/bench_projector_seeds.py writes its seeds there).
+    Otherwise it is the newest `projector.safetensors` under $SEAL_CACHE (default ~/.cache/seal) and ./runs
+    trained with the KL loss (Seal; a CE-trained PSRT one only if there is no other). The set is the
+    newest folder there in the FSC layout (data/train_data.csv) or SLURP layout (dataset/slurp/train.jsonl).
     """
+    from train import PROJECTOR_FOLDERS  # the chain's folder names (train.py is read before this file)
+
     roots = [r for r in (data.default_cache_dir(), Path("runs")) if r.is_dir()]
     newest = lambda paths: max(paths, key=lambda p: p.stat().st_mtime, default=None)  # noqa: E731
+    chain = data.default_cache_dir() / "micro-world" / PROJECTOR_FOLDERS["kl"] / "projector.safetensors"
     ckpts = [p for r in roots for p in r.rglob("projector.safetensors")]
-    kl = [p for p in ckpts if read_projector(p)[0].loss == "kl"]
+    kl = [chain] if chain.is_file() else [p for p in ckpts if read_projector(p)[0].loss == "kl"]
     index = ("data", "train_data.csv") if task == "fsc" else ("dataset", "slurp", "train.jsonl")
     sets = [p.parents[len(index) - 1] for r in roots for p in r.rglob(index[-1]) if p.parts[-len(index):] == index]
     return newest(kl or ckpts), newest(sets)
@@ -753,7 +759,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-per-class", type=int, default=0, help="draw demos from a class-balanced pool of N per label (default: the whole train split)")
     p.add_argument("--truncate", action="store_true",
                    help="drop the farthest demos of a prompt longer than the LM's context (default: refuse)")
-    p.add_argument("--ckpt", help="Seal projector checkpoint (default: the micro world's)")
+    p.add_argument("--ckpt", help="Seal projector checkpoint (default: the micro world's, see find_micro_world)")
     p.add_argument("--lm", help="LM for --mode text without a checkpoint (with --ckpt: must match it)")
     p.add_argument("--encoder", help="with --ckpt: the encoder it must have been trained with")
     p.add_argument("--data-dir", help="real FSC folder (fluent_speech_commands_dataset) or SLURP clone "

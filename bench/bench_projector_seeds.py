@@ -11,7 +11,8 @@ with mean ± std over the training seeds, then each seed's Seal / text-oracle ra
 The chain's own seed is not trained again: its projectors are linked from the cache when their settings
 match. Each other seed takes about as long as the chain's projectors and table (about 5 minutes at the
 default sizes on the 2-core CPU; 4:51-5:17 measured). Results go to $SEAL_CACHE/micro-world/projector-seeds/seed<S>/
-(projectors and table.json), a finished seed is reused on a rerun, and the chain's own folders are never written.
+(projectors and table.json), a finished seed is reused on a rerun, and the chain's own folders are never written
+(`python fewshot.py` without --ckpt still evaluates the chain's Seal projector, not the newest seed's).
 
     python bench/bench_projector_seeds.py                      # seeds 0, 1, 2 of the chain's recipe
     python bench/bench_projector_seeds.py --seeds 5 --json seeds.json

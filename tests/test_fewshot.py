@@ -384,6 +384,27 @@ def test_cli_end_to_end_json_and_defaults(tmp_path, capsys, monkeypatch):
     assert isinstance(single["accuracy"], float) and single["checkpoint"] == str(ckpt) and single["queries"] == 2
 
 
+def test_default_checkpoint_is_the_chains_own(tmp_path, monkeypatch):
+    # bench/bench_projector_seeds.py trains other Seal projectors in the same cache, after the chain's: the
+    # command the chain prints must still evaluate the chain's, and the newest one only when there is none.
+    import os
+    import shutil
+
+    ckpt, _ = save_tiny_seal(tmp_path / "models")
+    cache = tmp_path / "cache"
+    chain = cache / "micro-world" / "seal-fsc" / "projector.safetensors"
+    seed = cache / "micro-world" / "projector-seeds" / "seed1" / "seal-fsc" / "projector.safetensors"
+    for path, mtime in ((chain, 1_000_000), (seed, 2_000_000)):
+        path.parent.mkdir(parents=True)
+        shutil.copy(ckpt, path)
+        os.utime(path, (mtime, mtime))
+    monkeypatch.setenv("SEAL_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    assert fewshot.find_micro_world("fsc")[0] == chain
+    chain.unlink()
+    assert fewshot.find_micro_world("fsc")[0] == seed
+
+
 def test_cli_bad_input_messages(tmp_path, capsys):
     ckpt, lm_dir = save_tiny_seal(tmp_path)
     fsc = write_fsc_layout(tmp_path / "fsc")
