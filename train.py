@@ -735,12 +735,13 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 #   5. micro-world/table.json     few-shot accuracy, N-way k-shot, text oracle / Seal / PSRT /
 #                                 untrained projector, natural and arbitrary label words
 #
-# Each stage stamps its folder with the WorldConfig settings that built it (STAMP_NAME). A stage with a
-# matching stamp is skipped, so a rerun resumes where the last one stopped; one built with other
-# settings is rebuilt, and so is every stage after it.
+# Each stage stamps its folder with the WorldConfig settings that built it (STAMP_NAME; the table, a file,
+# keeps its stamp inside). A stage with a matching stamp is skipped, so a rerun resumes where the last one
+# stopped; one built with other settings is rebuilt, and so is every stage after it.
 # WorldConfig fields (by name or prefix) each stage is built from, not counting its upstream stages
 STAMP_GROUPS = {"corpus": ("seed", "n_", "train_voices", "valid_voices", "test_voices"), "lm": ("seed", "lm_"),
-                "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer")}
+                "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer"),
+                "table": ("n_way", "shots", "table_")}
 
 
 @dataclass
@@ -847,7 +848,8 @@ class WorldConfig:
         """The settings a stage's artifact is built from, its upstream stages' included (the corpus feeds
         the encoder; all feed the projectors): a cached artifact with another stamp is rebuilt."""
         needs = {"corpus": ("corpus",), "lm": ("lm",), "hubert": ("corpus", "hubert"),
-                 "projector": ("corpus", "lm", "hubert", "projector")}[stage]
+                 "projector": ("corpus", "lm", "hubert", "projector"),
+                 "table": ("corpus", "lm", "hubert", "projector", "table")}[stage]
         prefixes = tuple(p for g in needs for p in STAMP_GROUPS[g])
         stamp = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(prefixes)}
         return json.loads(json.dumps(stamp))  # tuples as lists, as read back from the file
@@ -1240,8 +1242,20 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     `examples`: train-split examples whose encoder features are already computed (world_examples).
     `folder`: where the projectors are and table.json goes (default: the cache's micro-world/); `seed`: the
     projectors' training seed, which also draws the untrained projector (default cfg.seed).
+
+    A table.json made from the same settings, seed and projector weights (its "made_from") is returned as it
+    is: a rerun of the chain skips the 1-2 minutes of encoding and scoring.
     """
     folder = folder or cfg.cache / "micro-world"
+    seed = cfg.seed if seed is None else seed
+    made_from = dict(world=cfg.stamp("table"), projector_seed=seed,
+                     projectors={name: hashlib.sha256((folder / name / PROJECTOR_NAME).read_bytes()).hexdigest()
+                                 for name in PROJECTOR_FOLDERS.values()})
+    saved = folder / "table.json"
+    if saved.is_file():
+        table = json.loads(saved.read_text())
+        if table.get("made_from") == made_from:
+            return table
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     hubert = HuBERT.from_pretrained("tiny-hubert")
     splits = {name: data.FluentSpeechCommands(corpus, name) for name in ("train", "test")}
@@ -1255,7 +1269,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
         projector = Projector(config.projector)
         projector.load_state_dict(state)
         seals[row] = Seal(hubert, projector, lm, tok, config)
-    torch.manual_seed(cfg.seed if seed is None else seed)
+    torch.manual_seed(seed)
     seals["untrained projector"] = Seal(hubert, Projector(seals["Seal (KL)"].projector.config), lm, tok,
                                         seals["Seal (KL)"].config)
     inputs: dict[str, dict[str, list]] = {"text oracle": texts}
@@ -1286,15 +1300,15 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     runs = [(row, arbitrary, k) for arbitrary in (False, True) for row in inputs for k in cfg.shots]
     bar = tqdm(total=len(runs) * cfg.table_seeds * cfg.table_queries, desc="table: few-shot", unit="query")
     for row, arbitrary, k in runs:
-        # the same episodes for every row (one random.Random(seed) each): rows differ only in their inputs
-        accs = [few_shot_accuracy(lm, tok, inputs[row], labels, intents, cfg.n_way, k, arbitrary, seed,
-                                  cfg.table_queries, bar=bar) for seed in range(cfg.table_seeds)]
+        # the same episodes for every row (one random.Random(episodes) each): rows differ only in their inputs
+        accs = [few_shot_accuracy(lm, tok, inputs[row], labels, intents, cfg.n_way, k, arbitrary, episodes,
+                                  cfg.table_queries, bar=bar) for episodes in range(cfg.table_seeds)]
         results.append(dict(row=row, labels="arbitrary" if arbitrary else "natural", k=k,
                             accuracy=float(np.mean(accs)), std=float(np.std(accs)), seeds=accs))
     bar.close()
     table = dict(n_way=cfg.n_way, chance=1 / cfg.n_way, queries=cfg.table_queries, seeds=cfg.table_seeds,
-                 results=results)
-    (folder / "table.json").write_text(json.dumps(table, indent=1))
+                 results=results, made_from=made_from)
+    saved.write_text(json.dumps(table, indent=1))
     return table
 
 

@@ -34,7 +34,7 @@ from bench.bench_lm_draws import parse_settings  # noqa: E402
 
 # WorldConfig fields this benchmark may change: the projectors' stamp group (train.STAMP_GROUPS) and the
 # table's. The corpus, LM and encoder settings are refused: the chain would rebuild those stages, in place.
-PROJECTOR_FIELDS = train.STAMP_GROUPS["projector"] + ("n_way", "shots", "table_")
+PROJECTOR_FIELDS = train.STAMP_GROUPS["projector"] + train.STAMP_GROUPS["table"]
 
 
 def link_chain_projectors(cfg: train.WorldConfig, folder: Path) -> bool:

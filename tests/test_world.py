@@ -2,9 +2,11 @@
 computation, the HuBERT pre-training helpers, and a scaled-down run of the whole chain."""
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -238,13 +240,20 @@ def test_quick_world_chain(quick_world, monkeypatch):
     # the trivial task: 2-way natural labels, which even a 300-step LM has partly learned from text
     oracle = [r["accuracy"] for r in table["results"] if r["row"] == "text oracle" and r["labels"] == "natural"]
     assert sum(oracle) / len(oracle) > table["chance"] + 0.1
-    # a rerun finds every artifact and only recomputes the table
+    # a rerun finds every artifact, the table included
     def mtimes():
         return {name: (tmp_path / name / "model.safetensors").stat().st_mtime for name in ("tiny-lm", "tiny-hubert")}
 
-    before = mtimes()
-    train.run_micro_world([], cfg)
-    assert mtimes() == before
+    table_path = tmp_path / "micro-world" / "table.json"
+    before, table_written = mtimes(), table_path.stat().st_mtime_ns
+    assert train.run_micro_world([], cfg) == table
+    assert mtimes() == before and table_path.stat().st_mtime_ns == table_written
+    # a table is redone when the weights it scored changed, even with the same settings
+    seal_weights = tmp_path / "micro-world" / "seal-fsc" / train.PROJECTOR_NAME
+    shutil.copy(tmp_path / "micro-world" / "psrt-fsc" / train.PROJECTOR_NAME, seal_weights)
+    redone = train.world_table(cfg, tmp_path / "micro-world" / "synthetic-fsc")
+    assert table_path.stat().st_mtime_ns != table_written
+    assert redone["made_from"]["projectors"]["seal-fsc"] == hashlib.sha256(seal_weights.read_bytes()).hexdigest()
     # another encoder setting rebuilds the encoder and the projectors after it, not the LM
     changed = dataclasses.replace(cfg, hubert_steps=cfg.hubert_steps + 1)
     train.run_micro_world([], changed)
@@ -252,6 +261,7 @@ def test_quick_world_chain(quick_world, monkeypatch):
     assert after["tiny-lm"] == before["tiny-lm"] and after["tiny-hubert"] != before["tiny-hubert"]
     stamp = json.loads((tmp_path / "micro-world" / "seal-fsc" / train.STAMP_NAME).read_text())
     assert stamp["hubert_steps"] == cfg.hubert_steps + 1 and stamp == changed.stamp("projector")
+    assert json.loads(table_path.read_text())["made_from"]["world"] == changed.stamp("table")
 
 
 def test_stage_behind_a_link_is_not_deleted(tmp_path):
