@@ -1308,7 +1308,9 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     bar.close()
     table = dict(n_way=cfg.n_way, chance=1 / cfg.n_way, queries=cfg.table_queries, seeds=cfg.table_seeds,
                  results=results, made_from=made_from)
-    saved.write_text(json.dumps(table, indent=1))
+    partial = saved.with_name(saved.name + ".tmp")  # complete or absent, like every stage's artifact
+    partial.write_text(json.dumps(table, indent=1))
+    os.replace(partial, saved)
     return table
 
 
