@@ -749,8 +749,8 @@ class WorldConfig:
     seed: int = 0
     # 1. speech corpus: utterances per split, and voices per split (disjoint accents/variants)
     # 8,000 train clips instead raised Seal's arbitrary-label k = 5 accuracy from 78.1% to 80.1% of the text oracle's
-    # on average over three encoder seeds (exploratory runs), but its fresh chain took 1,245 s: over the 20 minutes
-    # (bench/EXPERIMENTS.md, "Tried at T = 2")
+    # on average over three encoder seeds (exploratory runs), and from 79.1% to 81.1% over five projector seeds, but
+    # its fresh chain took 1,235-1,245 s: over the 20 minutes (bench/EXPERIMENTS.md, "Tried at T = 2")
     n_train: int = 4000
     n_valid: int = 100
     n_test: int = 400
