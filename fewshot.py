@@ -759,7 +759,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-per-class", type=int, default=0, help="draw demos from a class-balanced pool of N per label (default: the whole train split)")
     p.add_argument("--truncate", action="store_true",
                    help="drop the farthest demos of a prompt longer than the LM's context (default: refuse)")
-    p.add_argument("--ckpt", help="Seal projector checkpoint (default: the micro world's, see find_micro_world)")
+    p.add_argument("--ckpt", help="Seal projector checkpoint (default: the micro world's, "
+                                  "$SEAL_CACHE/micro-world/seal-fsc; without it, the newest Seal projector "
+                                  "under $SEAL_CACHE and ./runs)")
     p.add_argument("--lm", help="LM for --mode text without a checkpoint (with --ckpt: must match it)")
     p.add_argument("--encoder", help="with --ckpt: the encoder it must have been trained with")
     p.add_argument("--data-dir", help="real FSC folder (fluent_speech_commands_dataset) or SLURP clone "
