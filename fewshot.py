@@ -685,16 +685,17 @@ def find_micro_world(task: str) -> tuple[Path | None, Path | None]:
     trained with the KL loss (Seal; a CE-trained PSRT one only if there is no other). The set is the
     newest folder there in the FSC layout (data/train_data.csv) or SLURP layout (dataset/slurp/train.jsonl).
     """
-    from train import PROJECTOR_FOLDERS  # the chain's folder names (train.py is read before this file)
+    from train import PROJECTOR_FOLDERS, PROJECTOR_NAME, WorldConfig  # the chain's layout (train.py is read first)
 
     roots = [r for r in (data.default_cache_dir(), Path("runs")) if r.is_dir()]
     newest = lambda paths: max(paths, key=lambda p: p.stat().st_mtime, default=None)  # noqa: E731
-    chain = data.default_cache_dir() / "micro-world" / PROJECTOR_FOLDERS["kl"] / "projector.safetensors"
-    ckpts = [p for r in roots for p in r.rglob("projector.safetensors")]
-    kl = [chain] if chain.is_file() else [p for p in ckpts if read_projector(p)[0].loss == "kl"]
+    ckpt = WorldConfig().world_dir / PROJECTOR_FOLDERS["kl"] / PROJECTOR_NAME
+    if not ckpt.is_file():
+        ckpts = [p for r in roots for p in r.rglob(PROJECTOR_NAME)]
+        ckpt = newest([p for p in ckpts if read_projector(p)[0].loss == "kl"] or ckpts)
     index = ("data", "train_data.csv") if task == "fsc" else ("dataset", "slurp", "train.jsonl")
     sets = [p.parents[len(index) - 1] for r in roots for p in r.rglob(index[-1]) if p.parts[-len(index):] == index]
-    return newest(kl or ckpts), newest(sets)
+    return ckpt, newest(sets)
 
 
 def load_models(ckpt: str | None, lm_name: str | None, encoder_name: str | None,

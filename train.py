@@ -844,6 +844,11 @@ class WorldConfig:
         """$SEAL_CACHE (default ~/.cache/seal): where from_pretrained("tiny-lm") looks."""
         return data.default_cache_dir()
 
+    @property
+    def world_dir(self) -> Path:
+        """$SEAL_CACHE/micro-world: the corpus, the projectors and the table (the models sit beside it)."""
+        return self.cache / "micro-world"
+
     def stamp(self, stage: str) -> dict:
         """The settings a stage's artifact is built from, its upstream stages' included (the corpus feeds
         the encoder; all feed the projectors): a cached artifact with another stamp is rebuilt."""
@@ -886,7 +891,7 @@ def write_stamp(out: Path, cfg: WorldConfig, stage: str) -> None:
 
 def world_corpus(cfg: WorldConfig) -> Path:
     """Stage 1: the synthetic FSC-style set (data.write_fsc), written once."""
-    out = cfg.cache / "micro-world" / "synthetic-fsc"
+    out = cfg.world_dir / "synthetic-fsc"
     if stage_matches(out, cfg, "corpus"):
         return out
     voices = data.split_voices(cfg.train_voices, cfg.valid_voices, cfg.test_voices, seed=cfg.seed)
@@ -1221,7 +1226,7 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
     """Stage 4: train() itself, on world_examples (train() builds them when not given), into
     folder/{seal,psrt}-fsc (folder: the cache's micro-world/). `seed`: the projector's training seed,
     cfg.seed unless given (bench/bench_projector_seeds.py trains others, each in a folder of its own)."""
-    out = (folder or cfg.cache / "micro-world") / PROJECTOR_FOLDERS[loss]
+    out = (folder or cfg.world_dir) / PROJECTOR_FOLDERS[loss]
     ckpt = out / CKPT_NAME
     if stage_matches(out, cfg, "projector") and ckpt.is_file():
         if torch.load(ckpt, weights_only=True)["step"] >= cfg.seal_steps:
@@ -1246,7 +1251,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     A table.json made from the same settings, seed and projector weights (its "made_from") is returned as it
     is: a rerun of the chain skips the 1-2 minutes of encoding and scoring.
     """
-    folder = folder or cfg.cache / "micro-world"
+    folder = folder or cfg.world_dir
     seed = cfg.seed if seed is None else seed
     made_from = dict(world=cfg.stamp("table"), projector_seed=seed,
                      projectors={name: hashlib.sha256((folder / name / PROJECTOR_NAME).read_bytes()).hexdigest()
@@ -1345,7 +1350,7 @@ def run_micro_world(argv: Sequence[str], cfg: WorldConfig | None = None) -> dict
     print(f"\nmicro world ready in {time.time() - t0:.0f} s, under {cfg.cache}:\n"
           f"  speech corpus   {corpus}\n  tiny LM         {lm}\n  tiny HuBERT     {hubert}\n"
           f"  Seal projector  {seal / PROJECTOR_NAME}\n  PSRT projector  {psrt / PROJECTOR_NAME}\n"
-          f"  table           {cfg.cache / 'micro-world' / 'table.json'}\n"
+          f"  table           {cfg.world_dir / 'table.json'}\n"
           f"next: python fewshot.py --task fsc --k 5")
     return table
 

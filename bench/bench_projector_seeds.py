@@ -39,7 +39,7 @@ PROJECTOR_FIELDS = train.STAMP_GROUPS["projector"] + train.STAMP_GROUPS["table"]
 
 def link_chain_projectors(cfg: train.WorldConfig, folder: Path) -> bool:
     """Link the chain's finished projectors into `folder` if they were trained with cfg's settings."""
-    chain = cfg.cache / "micro-world"
+    chain = cfg.world_dir
     for name in train.PROJECTOR_FOLDERS.values():
         link = folder / name
         if link.is_symlink():  # an earlier run's link, perhaps to projectors of other settings
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
                          f"settings ({', '.join(f + '*' if f.endswith('_') else f for f in PROJECTOR_FIELDS)}); "
                          f"for the corpus, LM or encoder, build that world with `python train.py` first")
     cfg = dataclasses.replace(base or train.WorldConfig(), **settings)
-    out = args.out or cfg.cache / "micro-world" / "projector-seeds"
+    out = args.out or cfg.world_dir / "projector-seeds"
 
     # the chain's first stages, built if missing (as `python train.py` would), and the features of the train
     # split, computed once for every projector and table
