@@ -334,7 +334,7 @@ class Seal(nn.Module):
         def at_labels(segments: list[list[Segment]]) -> torch.Tensor:  # (N, C) hidden states predicting labels
             prompt = self.prompt(segments)
             h = self.hidden(prompt).reshape(-1, C)
-            return h[torch.cat([prompt.predicting(3 * l + 2) for l in range(lines)])]
+            return h[prompt.predicting([3 * l + 2 for l in range(lines)])]  # row by row, line by line
 
         with torch.no_grad():
             h_t = at_labels([[seg for _, t, y in row for seg in (list(t), separator_ids, y)] for row in rows])
