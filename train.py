@@ -735,9 +735,11 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 #   5. micro-world/table.json     few-shot accuracy, N-way k-shot, text oracle / Seal / PSRT /
 #                                 untrained projector, natural and arbitrary label words
 #
-# Each stage stamps its folder with the WorldConfig settings that built it (STAMP_NAME; the table, a file,
-# keeps its stamp inside). A stage with a matching stamp is skipped, so a rerun resumes where the last one
-# stopped; one built with other settings is rebuilt, and so is every stage after it.
+# Each stage stamps its folder with the WorldConfig settings that built it and the digests of the upstream
+# artifacts it read (STAMP_NAME; the table, a file, keeps its stamp inside). A stage with a matching stamp is
+# skipped, so a rerun resumes where the last one stopped; one built with other settings is rebuilt, and so is
+# every stage after it. The digests catch an upstream artifact rebuilt with the *same* settings but other
+# bits (another machine's rounding, another thread count): the stages that read the old one are rebuilt too.
 # WorldConfig fields (by name or prefix) each stage is built from, not counting its upstream stages
 STAMP_GROUPS = {"corpus": ("seed", "n_", "train_voices", "valid_voices", "test_voices"), "lm": ("seed", "lm_"),
                 "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer"),
@@ -859,39 +861,70 @@ class WorldConfig:
         stamp = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(prefixes)}
         return json.loads(json.dumps(stamp))  # tuples as lists, as read back from the file
 
+    def artifact(self, stage: str) -> Path:
+        """Where an upstream stage's artifact lives: the models sit in the cache, named like real ones."""
+        return {"corpus": self.world_dir / "synthetic-fsc", "lm": self.cache / "tiny-lm",
+                "hubert": self.cache / "tiny-hubert"}[stage]
 
-STAMP_NAME = "world.json"  # in every stage's folder: WorldConfig.stamp(stage) of the settings that built it
+
+STAMP_NAME = "world.json"  # in every stage's folder: stage_stamp(), what built it
+# the upstream artifacts each stage reads (the LM reads the corpus's text for its check, which the corpus
+# settings in its stamp fix; the projectors' weights are in the table's own stamp, made_from)
+STAGE_INPUTS = {"corpus": (), "lm": (), "hubert": ("corpus",), "projector": ("corpus", "lm", "hubert"),
+                "table": ("corpus", "lm", "hubert")}
+
+
+def artifact_digest(folder: Path) -> str:
+    """sha256 over every file of a stage's folder but its stamp, names and bytes (the corpus: 0.2 s)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAMP_NAME):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def stage_stamp(cfg: WorldConfig, stage: str) -> dict:
+    """A stage's stamp: its settings (WorldConfig.stamp) and, if it reads upstream artifacts, their digests."""
+    stamp = cfg.stamp(stage)
+    if STAGE_INPUTS[stage]:
+        stamp["inputs"] = {name: artifact_digest(cfg.artifact(name)) for name in STAGE_INPUTS[stage]}
+    return stamp
 
 
 def stamp_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
-    """Whether `out`'s stamp names this config's settings for `stage` (reads only)."""
+    """Whether `out`'s stamp names this config's settings for `stage` and the upstream artifacts in the
+    cache now (reads only)."""
     stamp = out / STAMP_NAME
-    return stamp.is_file() and json.loads(stamp.read_text()) == cfg.stamp(stage)
+    return stamp.is_file() and json.loads(stamp.read_text()) == stage_stamp(cfg, stage)
 
 
 def stage_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
-    """Whether `out` was built (or, for a projector, started) with this config's settings for `stage`.
+    """Whether `out` was built (or, for a projector, started) with this config's settings for `stage`, from
+    the upstream artifacts now in the cache.
 
-    A folder built with other settings, or by an older version without a stamp, is removed so that the
-    stage is rebuilt; since stamps include upstream settings, the stages after it are rebuilt too."""
+    A folder built otherwise, or by an older version without a stamp, is removed so that the stage is
+    rebuilt; since stamps include upstream settings and digests, the stages after it are rebuilt too."""
     if stamp_matches(out, cfg, stage):
         return True
     if out.is_symlink():  # someone else's folder: not ours to delete
         raise UserError(f"{out} links to {os.readlink(out)}, which was built with other settings than this "
-                        f"WorldConfig ({STAMP_NAME} differs or is missing); remove the link to rebuild the stage here")
+                        f"WorldConfig or from other upstream artifacts ({STAMP_NAME} differs or is missing); "
+                        f"remove the link to rebuild the stage here")
     if out.exists():
-        tqdm.write(f"{out}: built with other settings than this WorldConfig; rebuilding it")
+        tqdm.write(f"{out}: built with other settings than this WorldConfig, or from other upstream artifacts "
+                   f"than the cache's; rebuilding it")
         shutil.rmtree(out)
     return False
 
 
 def write_stamp(out: Path, cfg: WorldConfig, stage: str) -> None:
-    (out / STAMP_NAME).write_text(json.dumps(cfg.stamp(stage), indent=1))
+    (out / STAMP_NAME).write_text(json.dumps(stage_stamp(cfg, stage), indent=1))
 
 
 def world_corpus(cfg: WorldConfig) -> Path:
     """Stage 1: the synthetic FSC-style set (data.write_fsc), written once."""
-    out = cfg.world_dir / "synthetic-fsc"
+    out = cfg.artifact("corpus")
     if stage_matches(out, cfg, "corpus"):
         return out
     voices = data.split_voices(cfg.train_voices, cfg.valid_voices, cfg.test_voices, seed=cfg.seed)
@@ -1087,7 +1120,7 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     so a draw that ends under half-way from chance to 100% on the check is set aside and another is trained,
     with LM_FALLBACK_NOISE of the embedding noise, up to LM_DRAWS; the check uses the valid split, never the
     test split of the table. The draws are recorded in draws.json next to the model."""
-    out = cfg.cache / "tiny-lm"
+    out = cfg.artifact("lm")
     if stage_matches(out, cfg, "lm"):
         return out
     tmp = out.with_name(out.name + ".tmp")
@@ -1129,7 +1162,7 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
 
 def world_hubert(cfg: WorldConfig, corpus: Path) -> Path:
     """Stage 3: tiny HuBERT, one iteration of masked prediction of k-means units of MFCC frames."""
-    out = cfg.cache / "tiny-hubert"
+    out = cfg.artifact("hubert")
     if stage_matches(out, cfg, "hubert"):
         return out
     torch.manual_seed(cfg.seed)
@@ -1253,7 +1286,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     """
     folder = folder or cfg.world_dir
     seed = cfg.seed if seed is None else seed
-    made_from = dict(world=cfg.stamp("table"), projector_seed=seed,
+    made_from = dict(world=stage_stamp(cfg, "table"), projector_seed=seed,
                      projectors={name: hashlib.sha256((folder / name / PROJECTOR_NAME).read_bytes()).hexdigest()
                                  for name in PROJECTOR_FOLDERS.values()})
     saved = folder / "table.json"

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--device {args.device}: no CUDA device here")
     settings = parse_settings(args.set)
     cfg = train.WorldConfig(**settings)
-    corpus = cfg.world_dir / "synthetic-fsc"
+    corpus = cfg.artifact("corpus")
     if not (corpus / train.STAMP_NAME).is_file():
         raise SystemExit(f"no micro-world corpus at {corpus}: run `python train.py` first (its first stage "
                          f"writes it), or point $SEAL_CACHE at a cache that has one")

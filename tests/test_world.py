@@ -213,7 +213,7 @@ def test_bench_projector_seeds(quick_world, monkeypatch, capsys):
         main(["--set", "lm_noise=1.0"], base=train.WorldConfig.quick())
 
 
-def test_quick_world_chain(quick_world, monkeypatch):
+def test_quick_world_chain(quick_world, monkeypatch, capsys):
     """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
     from decoder import GPT, load_tokenizer
     from encoder import HuBERT
@@ -246,6 +246,7 @@ def test_quick_world_chain(quick_world, monkeypatch):
 
     table_path = tmp_path / "micro-world" / "table.json"
     before, table_written = mtimes(), table_path.stat().st_mtime_ns
+    quick_stamp = json.loads((tmp_path / "micro-world" / "seal-fsc" / train.STAMP_NAME).read_text())
     assert train.run_micro_world([], cfg) == table
     assert mtimes() == before and table_path.stat().st_mtime_ns == table_written
     # a table is redone when the weights it scored changed, even with the same settings
@@ -254,14 +255,31 @@ def test_quick_world_chain(quick_world, monkeypatch):
     redone = train.world_table(cfg, tmp_path / "micro-world" / "synthetic-fsc")
     assert table_path.stat().st_mtime_ns != table_written
     assert redone["made_from"]["projectors"]["seal-fsc"] == hashlib.sha256(seal_weights.read_bytes()).hexdigest()
+    # an encoder rebuilt with the same settings but other bits (another machine's rounding): the stages that
+    # read it (the projectors, the table) are rebuilt, the encoder itself and the LM are kept
+    encoder = HuBERT.from_pretrained("tiny-hubert")
+    with torch.no_grad():
+        encoder.feature_projection.projection.bias.add_(1e-3)
+    encoder.save_pretrained(tmp_path / "tiny-hubert")
+    edited = mtimes()
+    projector_written = seal_weights.stat().st_mtime_ns
+    rebuilt = train.run_micro_world([], cfg)
+    assert mtimes() == edited and edited["tiny-lm"] == before["tiny-lm"]
+    assert seal_weights.stat().st_mtime_ns != projector_written
+    printed = capsys.readouterr().out
+    assert "seal-fsc: built with other settings than this WorldConfig, or from other upstream artifacts" in printed
+    assert "tiny-hubert: built" not in printed  # the encoder's own stamp (settings, corpus) still matches
+    stamp = json.loads((tmp_path / "micro-world" / "seal-fsc" / train.STAMP_NAME).read_text())
+    assert stamp["inputs"]["hubert"] == train.artifact_digest(tmp_path / "tiny-hubert") != quick_stamp["inputs"]["hubert"]
+    assert rebuilt["made_from"]["world"] == train.stage_stamp(cfg, "table")
     # another encoder setting rebuilds the encoder and the projectors after it, not the LM
     changed = dataclasses.replace(cfg, hubert_steps=cfg.hubert_steps + 1)
     train.run_micro_world([], changed)
     after = mtimes()
     assert after["tiny-lm"] == before["tiny-lm"] and after["tiny-hubert"] != before["tiny-hubert"]
     stamp = json.loads((tmp_path / "micro-world" / "seal-fsc" / train.STAMP_NAME).read_text())
-    assert stamp["hubert_steps"] == cfg.hubert_steps + 1 and stamp == changed.stamp("projector")
-    assert json.loads(table_path.read_text())["made_from"]["world"] == changed.stamp("table")
+    assert stamp["hubert_steps"] == cfg.hubert_steps + 1 and stamp == train.stage_stamp(changed, "projector")
+    assert json.loads(table_path.read_text())["made_from"]["world"] == train.stage_stamp(changed, "table")
 
 
 def test_stage_behind_a_link_is_not_deleted(tmp_path):
