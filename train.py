@@ -741,7 +741,8 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 # every stage after it. The digests catch an upstream artifact rebuilt with the *same* settings but other
 # bits (another machine's rounding, another thread count): the stages that read the old one are rebuilt too.
 # WorldConfig fields (by name or prefix) each stage is built from, not counting its upstream stages
-STAMP_GROUPS = {"corpus": ("seed", "n_", "train_voices", "valid_voices", "test_voices"), "lm": ("seed", "lm_"),
+STAMP_GROUPS = {"corpus": ("seed", "n_train", "n_valid", "n_test", "train_voices", "valid_voices", "test_voices"),
+                "lm": ("seed", "lm_"),
                 "hubert": ("hubert_",), "projector": ("rate", "projector_", "seal_", "encoder_layer"),
                 "table": ("n_way", "shots", "table_")}
 
@@ -774,6 +775,10 @@ class WorldConfig:
     # 3,000 steps (bench/EXPERIMENTS.md, "When in-context learning appears"). With a 2,700-step schedule it had
     # not (measured). So world_lm trains another draw when one does not (LM_DRAWS).
     lm_steps: int = 3000
+    # the stage's check (lm_check): N-way k-shot accuracy on text, which decides whether a draw is kept. It is the
+    # LM stage's own setting, so that the table's n_way and shots can change without retraining the LM
+    lm_check_way: int = 4
+    lm_check_shots: int = 5
     lm_batch: int = 5
     lm_seq: int = 512  # tokens per training row (documents are packed): every position gets trained
     lm_lr: float = 3e-3
@@ -835,6 +840,7 @@ class WorldConfig:
         """A scaled-down world that runs in seconds (the test suite): same stages, toy sizes."""
         return cls(n_train=48, n_valid=8, n_test=48, train_voices=3, valid_voices=1, test_voices=2,
                    lm_layers=2, lm_width=64, lm_context=256, lm_steps=300, lm_batch=8, lm_seq=96,
+                   lm_check_way=2, lm_check_shots=1,
                    lm_arbitrary=0.0,  # natural labels only: the trivial task the test checks
                    hubert_layers=1, hubert_width=32, hubert_conv=(16, 16, 32, 32, 32), hubert_units=8,
                    hubert_steps=5, hubert_batch=4, projector_hidden=32, seal_steps=5, seal_lines=2, seal_batch=8,
@@ -1028,10 +1034,10 @@ def lm_check(cfg: WorldConfig, corpus: Path, tok) -> tuple[str, Callable[[GPT], 
     splits = {name: data.FluentSpeechCommands(corpus, name).rows for name in ("train", "valid")}
     texts = {name: [tok.encode(r["text"]) for r in rows] for name, rows in splits.items()}
     labels = {name: [r["label"] for r in rows] for name, rows in splits.items()}
-    k, arbitrary = max(cfg.shots), cfg.lm_arbitrary > 0
+    n_way, k, arbitrary = cfg.lm_check_way, cfg.lm_check_shots, cfg.lm_arbitrary > 0
     intents = demo_intents(labels["train"], k)
-    name = f"{cfg.n_way}-way {k}-shot accuracy on text, {'arbitrary' if arbitrary else 'natural'} labels"
-    return name, lambda lm: few_shot_accuracy(lm, tok, texts, labels, intents, cfg.n_way, k, arbitrary,
+    name = f"{n_way}-way {k}-shot accuracy on text, {'arbitrary' if arbitrary else 'natural'} labels"
+    return name, lambda lm: few_shot_accuracy(lm, tok, texts, labels, intents, n_way, k, arbitrary,
                                               cfg.seed, LM_CHECK_QUERIES, query_split="valid")
 
 
@@ -1128,7 +1134,7 @@ def world_lm(cfg: WorldConfig, corpus: Path) -> Path:
     tmp.mkdir(parents=True)
     tok = world_tokenizer(cfg, tmp)
     check_name, check = lm_check(cfg, corpus, tok)
-    chance = 1 / cfg.n_way
+    chance = 1 / cfg.lm_check_way
     learned = chance + LM_FEW_SHOT_MIN * (1 - chance)
     draws: list[dict] = []
     best: tuple[GPT, float] | None = None

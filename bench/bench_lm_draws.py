@@ -78,7 +78,7 @@ def run_draw(job: tuple) -> dict:
 
 def summarize(results: list[dict], cfg: train.WorldConfig) -> str:
     """A markdown table, one row per draw, and the count of few-shot learners."""
-    chance = 1 / cfg.n_way
+    chance = 1 / cfg.lm_check_way
     bar = chance + train.LM_FEW_SHOT_MIN * (1 - chance)
     lines = ["| draw | seed | check at the end | first step at or above the bar | seconds |", "|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: r["draw"]):

@@ -282,6 +282,18 @@ def test_quick_world_chain(quick_world, monkeypatch, capsys):
     assert json.loads(table_path.read_text())["made_from"]["world"] == train.stage_stamp(changed, "table")
 
 
+def test_each_stage_is_stamped_with_its_own_settings():
+    """A table setting leaves the corpus, LM, encoder and projectors cached (n_way once rebuilt the corpus, by the
+    prefix "n_"); the LM's check settings retrain the LM, since they decide which draw is kept."""
+    cfg = train.WorldConfig()
+    table = dataclasses.replace(cfg, n_way=3, shots=(0, 2), table_seeds=5, table_queries=100)
+    for stage in ("corpus", "lm", "hubert", "projector"):
+        assert table.stamp(stage) == cfg.stamp(stage), stage
+    assert table.stamp("table") != cfg.stamp("table")
+    check = dataclasses.replace(cfg, lm_check_way=2)
+    assert check.stamp("lm") != cfg.stamp("lm") and check.stamp("corpus") == cfg.stamp("corpus")
+
+
 def test_stage_behind_a_link_is_not_deleted(tmp_path):
     """A stage folder that links elsewhere and was built with other settings is refused, not removed."""
     elsewhere = tmp_path / "my-lm"
@@ -368,7 +380,7 @@ def test_tiny_hubert_does_not_depend_on_the_padding_multiple(tmp_path, monkeypat
         torch.testing.assert_close(weights[1][name], w, atol=1e-5, rtol=1e-4, msg=name)
 
 
-QUICK_LM = ["n_way=2", "shots=0,1", "lm_arbitrary=0", "lm_layers=1", "lm_width=32", "lm_context=128", "lm_steps=24",
+QUICK_LM = ["lm_check_way=2", "lm_check_shots=1", "lm_arbitrary=0", "lm_layers=1", "lm_width=32", "lm_context=128", "lm_steps=24",
             "lm_batch=2", "lm_seq=64"]  # a toy LM and a 2-way natural-label check that the quick corpus can serve
 
 
