@@ -881,7 +881,8 @@ STAGE_INPUTS = {"corpus": (), "lm": (), "hubert": ("corpus",), "projector": ("co
 
 
 def artifact_digest(folder: Path) -> str:
-    """sha256 over every file of a stage's folder but its stamp, names and bytes (the corpus: 0.2 s)."""
+    """sha256 over every file of a stage's folder but its stamp, names and bytes (the corpus's 4,500 clips:
+    about 0.3 s)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAMP_NAME):
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
