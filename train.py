@@ -1279,6 +1279,38 @@ def world_projector(cfg: WorldConfig, corpus: Path, loss: str,
 
 
 @torch.no_grad()
+def world_inputs(corpus: Path, seals: dict[str, Seal], examples: Sequence[Example] = ()
+                 ) -> tuple[dict[str, dict[str, list]], dict[str, list[str]]]:
+    """The table's inputs: {row: {split: one input per utterance}} for the train and test splits, and their labels.
+
+    Row "text oracle" holds the transcripts' token ids; every Seal of `seals` (sharing one frozen encoder, one LM
+    and its tokenizer) gives a row of soft tokens. The encoder runs once per utterance, for all of them;
+    `examples`: train-split examples whose encoder features are already computed (world_examples)."""
+    first = next(iter(seals.values()))
+    splits = {name: data.FluentSpeechCommands(corpus, name) for name in ("train", "test")}
+    labels = {name: [r["label"] for r in s.rows] for name, s in splits.items()}
+    inputs: dict[str, dict[str, list]] = {"text oracle": {name: [first.tokenizer.encode(r["text"]) for r in s.rows]
+                                                          for name, s in splits.items()}}
+    for row in seals:
+        inputs[row] = {name: [] for name in splits}
+    known = {e.index: e.feats for e in examples if e.feats is not None}  # train-split row -> (L, C_enc)
+    for name, split in splits.items():
+        feats = [known.get(i) if name == "train" else None for i in range(len(split))]
+        todo = [i for i, f in enumerate(feats) if f is None]
+        for start in tqdm(range(0, len(todo), 32), desc=f"table: encoding {name}", disable=not todo):
+            batch = todo[start : start + 32]
+            wav, lengths = data.pad_batch([split[i]["wav"] for i in batch], data.WAV_PAD_MULTIPLE)
+            encoded, frames = first.encode(wav, lengths)  # (B, T, C_enc), (B,)
+            for j, i in enumerate(batch):
+                feats[i] = encoded[j, : frames[j]]
+        for start in range(0, len(feats), 32):
+            padded, frames = data.pad_batch(feats[start : start + 32])
+            for row, seal in seals.items():
+                inputs[row][name] += seal.speech_embeds(padded, frames)
+    return inputs, labels
+
+
+@torch.no_grad()
 def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = (), folder: Path | None = None,
                 seed: int | None = None) -> dict:
     """Stage 5: N-way k-shot intent accuracy on the test split (voices never heard in training), with
@@ -1303,11 +1335,6 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
             return table
     lm, tok = GPT.from_pretrained("tiny-lm"), load_tokenizer("tiny-lm")
     hubert = HuBERT.from_pretrained("tiny-hubert")
-    splits = {name: data.FluentSpeechCommands(corpus, name) for name in ("train", "test")}
-    texts = {name: [tok.encode(r["text"]) for r in s.rows] for name, s in splits.items()}
-    labels = {name: [r["label"] for r in s.rows] for name, s in splits.items()}
-
-    # Soft tokens of every utterance for each projector: the encoder runs once per utterance.
     seals = {}
     for row, name in (("Seal (KL)", PROJECTOR_FOLDERS["kl"]), ("PSRT (CE)", PROJECTOR_FOLDERS["ce"])):
         config, state = read_projector(folder / name / PROJECTOR_NAME)
@@ -1317,23 +1344,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     torch.manual_seed(seed)
     seals["untrained projector"] = Seal(hubert, Projector(seals["Seal (KL)"].projector.config), lm, tok,
                                         seals["Seal (KL)"].config)
-    inputs: dict[str, dict[str, list]] = {"text oracle": texts}
-    for row, seal in seals.items():
-        inputs[row] = {name: [] for name in splits}
-    known = {e.index: e.feats for e in examples if e.feats is not None}  # train-split row -> (L, C_enc)
-    for name, split in splits.items():
-        feats = [known.get(i) if name == "train" else None for i in range(len(split))]
-        todo = [i for i, f in enumerate(feats) if f is None]
-        for start in tqdm(range(0, len(todo), 32), desc=f"table: encoding {name}", disable=not todo):
-            batch = todo[start : start + 32]
-            wav, lengths = data.pad_batch([split[i]["wav"] for i in batch], data.WAV_PAD_MULTIPLE)
-            encoded, frames = seals["Seal (KL)"].encode(wav, lengths)  # (B, T, C_enc), (B,)
-            for j, i in enumerate(batch):
-                feats[i] = encoded[j, : frames[j]]
-        for start in range(0, len(feats), 32):
-            padded, frames = data.pad_batch(feats[start : start + 32])
-            for row, seal in seals.items():
-                inputs[row][name] += seal.speech_embeds(padded, frames)
+    inputs, labels = world_inputs(corpus, seals, examples)
 
     # intents with enough train utterances for k demonstrations (all 31 at the default sizes); few_shot_accuracy
     # refuses a test split with none of them

@@ -213,6 +213,34 @@ def test_bench_projector_seeds(quick_world, monkeypatch, capsys):
         main(["--set", "lm_noise=1.0"], base=train.WorldConfig.quick())
 
 
+def test_bench_seal_variant(quick_world, monkeypatch, capsys, tmp_path):
+    """bench/bench_seal_variant.py retrains the chain's KL projector (seed 0: the same figures as the table) and
+    with changed settings; it refuses fields that are not the projector's training and a cache without a world."""
+    from bench.bench_seal_variant import main
+
+    monkeypatch.setenv("SEAL_CACHE", str(quick_world["cache"]))
+    cfg = train.WorldConfig.quick()
+    k = max(cfg.shots)
+    cell = {(r["row"], r["labels"]): r["accuracy"] for r in quick_world["table"]["results"] if r["k"] == k}
+    chain = main(["--seeds", "1"], base=cfg)
+    assert chain[0] == {f"{row}, {labels}": cell[row, labels] for row in ("text oracle", "Seal (KL)")
+                        for labels in ("arbitrary", "natural")}
+    variant = main(["--seeds", "2", "--set", "temperature=3", "--set", "max_steps=4", "--out", str(tmp_path / "runs")],
+                   base=cfg)
+    assert list(variant) == [0, 1] and (tmp_path / "runs" / "seed1" / train.PROJECTOR_NAME).is_file()
+    assert torch.load(tmp_path / "runs" / "seed1" / train.CKPT_NAME, weights_only=True)["config"]["temperature"] == 3.0
+    printed = capsys.readouterr().out
+    assert "Seal (KL) trained with {'temperature': 3.0, 'max_steps': 4}, projector seeds 0, 1:" in printed
+    assert "arbitrary labels: Seal " in printed and "Seal / text oracle " in printed
+    with pytest.raises(SystemExit, match="--set 'loss=ce': expected FIELD=VALUE with FIELD a TrainConfig field"):
+        main(["--set", "loss=ce"], base=cfg)
+    with pytest.raises(SystemExit, match="--set 'lr=fast': 'fast' is not a valid float"):
+        main(["--set", "lr=fast"], base=cfg)
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="no finished corpus stage of this world; run `python train.py` first"):
+        main([], base=cfg)
+
+
 def test_quick_world_chain(quick_world, monkeypatch, capsys):
     """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
     from decoder import GPT, load_tokenizer
