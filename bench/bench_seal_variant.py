@@ -5,8 +5,9 @@ included (about 5 minutes a seed). This one changes any train.TrainConfig field 
 (temperature, weight_decay, lr, max_steps, ...), trains that projector alone for each seed on the chain's
 cached corpus, tiny LM and tiny HuBERT, and scores only what a comparison with the chain needs: Seal and the
 text oracle at the table's largest k, arbitrary and natural labels, on the table's episodes
-(train.few_shot_accuracy with the table's seeds and queries). About 3 minutes a seed on the 2-core CPU.
-Nothing is reused between runs: each seed trains afresh into --out (default: a temporary folder).
+(train.few_shot_accuracy with the table's seeds and queries). About 2.5 minutes a seed on the 2-core CPU
+(430-443 s for three, measured). Nothing is reused between runs: each seed trains afresh into --out (default:
+a temporary folder).
 
 With no --set, seed S trains exactly what bench_projector_seeds.py's seed S does: seed 0 is the chain's own
 projector, bit for bit, with its table figures.
