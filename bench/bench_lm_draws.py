@@ -39,18 +39,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 
 
-def parse_settings(pairs: list[str]) -> dict:
-    """["lm_noise=0.75", "lm_heads=2"] -> WorldConfig overrides, each value read as its field's type."""
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(train.WorldConfig)}
+def parse_settings(pairs: list[str], config: type = train.WorldConfig, fixed: tuple[str, ...] = ()) -> dict:
+    """["lm_noise=0.75", "lm_heads=2"] -> overrides of `config`'s fields (WorldConfig unless given; those in `fixed`
+    refused), each value read as its field's type."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(config) if f.name not in fixed}
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in kinds:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of WorldConfig's fields "
+            other = f" other than {', '.join(fixed)}" if fixed else ""
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD a {config.__name__} field{other} "
                              f"({', '.join(kinds)})")
         kind = kinds[name]
         try:
-            out[name] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+            if kind is tuple:
+                out[name] = tuple(int(v) for v in value.split(","))
+            elif kind is bool:
+                out[name] = value.lower() in ("1", "true", "yes")
+            else:
+                out[name] = kind(value)
         except ValueError:
             raise SystemExit(f"--set {pair!r}: {value!r} is not a valid {kind.__name__}") from None
     return out

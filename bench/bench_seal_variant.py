@@ -28,27 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
+from bench.bench_lm_draws import parse_settings  # noqa: E402
 from seal import Seal  # noqa: E402
 
 # TrainConfig fields that name the models, the data, the loss or the run rather than how the projector learns
 FIXED = ("encoder", "lm", "data", "eval_data", "loss", "out_dir", "resume", "seed")
-
-
-def parse_train_settings(pairs: list[str]) -> dict:
-    """["temperature=3", "weight_decay=0.1"] -> TrainConfig overrides, each value read as its field's type."""
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(train.TrainConfig) if f.name not in FIXED}
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or name not in kinds:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD a TrainConfig field other than "
-                             f"{', '.join(FIXED)} ({', '.join(kinds)})")
-        kind = kinds[name]
-        try:
-            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise SystemExit(f"--set {pair!r}: {value!r} is not a valid {kind.__name__}") from None
-    return out
 
 
 def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -> dict[int, dict]:
@@ -62,7 +46,7 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
-    settings = parse_train_settings(args.set)
+    settings = parse_settings(args.set, train.TrainConfig, FIXED)
     cfg = base or train.WorldConfig()
     for stage in ("corpus", "lm", "hubert"):
         if not train.stamp_matches(cfg.artifact(stage), cfg, stage):
