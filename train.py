@@ -1310,6 +1310,20 @@ def world_inputs(corpus: Path, seals: dict[str, Seal], examples: Sequence[Exampl
     return inputs, labels
 
 
+def seal_cells(cfg: WorldConfig, corpus: Path, seal: Seal, examples: Sequence[Example] = ()) -> dict[str, float]:
+    """The table's cells that compare one Seal with its text oracle: both rows at the largest k, arbitrary and
+    natural labels, each the mean over the table's evaluation seeds (the table's own episodes and queries).
+    Keys: "text oracle, arbitrary", "Seal (KL), arbitrary", ... The benchmarks that retrain a projector
+    (bench/bench_seal_variant.py) or an LM (bench/bench_lm_draws.py --seal) report these."""
+    inputs, labels = world_inputs(corpus, {"Seal (KL)": seal}, examples)
+    k = max(cfg.shots)
+    intents = demo_intents(labels["train"], k)
+    return {f"{row}, {name}": float(np.mean([
+        few_shot_accuracy(seal.decoder, seal.tokenizer, inputs[row], labels, intents, cfg.n_way, k, arbitrary,
+                          episodes, cfg.table_queries) for episodes in range(cfg.table_seeds)]))
+        for row in ("text oracle", "Seal (KL)") for name, arbitrary in (("arbitrary", True), ("natural", False))}
+
+
 @torch.no_grad()
 def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = (), folder: Path | None = None,
                 seed: int | None = None) -> dict:

@@ -5,7 +5,7 @@ included (about 5 minutes a seed). This one changes any train.TrainConfig field 
 (temperature, weight_decay, lr, max_steps, ...), trains that projector alone for each seed on the chain's
 cached corpus, tiny LM and tiny HuBERT, and scores only what a comparison with the chain needs: Seal and the
 text oracle at the table's largest k, arbitrary and natural labels, on the table's episodes
-(train.few_shot_accuracy with the table's seeds and queries). About 2.5 minutes a seed on the 2-core CPU
+(train.seal_cells: the table's seeds and queries). About 2.5 minutes a seed on the 2-core CPU
 (430-443 s for three, measured). Nothing is reused between runs: each seed trains afresh into --out (default:
 a temporary folder).
 
@@ -54,15 +54,6 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
                              f"first (or point $SEAL_CACHE at a cache that has one)")
     corpus = cfg.artifact("corpus")
     examples = train.world_examples(cfg, corpus)  # the first seed computes the features, the others reuse them
-    k = max(cfg.shots)
-
-    def accuracy(inputs: dict, labels: dict, lm, tok, arbitrary: bool) -> float:
-        # the table's cell: the mean over its evaluation seeds (the same episodes as the table)
-        intents = train.demo_intents(labels["train"], k)
-        return float(np.mean([train.few_shot_accuracy(lm, tok, inputs, labels, intents, cfg.n_way, k, arbitrary,
-                                                      episodes, cfg.table_queries)
-                              for episodes in range(cfg.table_seeds)]))
-
     results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch)
@@ -73,13 +64,10 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
             print(f"projector seed {seed}: training into {run}" + (f" with {settings}" if settings else ""))
             train.train(tc, examples=examples)
             seal = Seal.from_pretrained(run / train.PROJECTOR_NAME).eval()
-            inputs, labels = train.world_inputs(corpus, {"Seal (KL)": seal}, examples[0])
-            figures = {f"{row}, {name}": accuracy(inputs[row], labels, seal.decoder, seal.tokenizer, arbitrary)
-                       for row in ("text oracle", "Seal (KL)") for name, arbitrary in (("arbitrary", True),
-                                                                                       ("natural", False))}
+            figures = train.seal_cells(cfg, corpus, seal, examples[0])
             results[seed] = figures
             print(f"projector seed {seed}: " + ", ".join(f"{key} {acc:.1%}" for key, acc in figures.items()))
-    lines = [f"{cfg.n_way}-way {k}-shot, test split; Seal (KL) trained with "
+    lines = [f"{cfg.n_way}-way {max(cfg.shots)}-shot, test split; Seal (KL) trained with "
              f"{settings or 'the chain settings'}, projector seeds {', '.join(map(str, results))}:"]
     for name in ("arbitrary", "natural"):
         seal = [r[f"Seal (KL), {name}"] for r in results.values()]

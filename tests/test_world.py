@@ -241,6 +241,34 @@ def test_bench_seal_variant(quick_world, monkeypatch, capsys, tmp_path):
         main([], base=cfg)
 
 
+def test_bench_lm_draws_trains_seal_on_each_draw(quick_world, monkeypatch, capsys, tmp_path):
+    """bench/bench_lm_draws.py --seal saves each draw's LM, trains the chain's Seal projector on it (the cache's
+    HuBERT) and reports the cells that train.seal_cells computes from what it saved."""
+    from bench.bench_lm_draws import main
+    from decoder import GPT
+    from seal import Seal
+
+    monkeypatch.setenv("SEAL_CACHE", str(quick_world["cache"]))
+    cfg = train.WorldConfig.quick()
+    runs = tmp_path / "runs"
+    (result,) = main(["--ids", "2", "--jobs", "1", "--seal", "--out", str(runs), "--set", "lm_steps=24"], base=cfg)
+    assert result["draw"] == 2 and result["seed"] == 2 * train.LM_DRAW_STRIDE
+    assert [s for s, _ in result["checks"]][-1] == 24
+    lm = GPT.from_pretrained(str(runs / "draw2" / "tiny-lm"))
+    seal = Seal.from_pretrained(runs / "draw2" / "seal-fsc" / train.PROJECTOR_NAME).eval()
+    for name, weight in lm.state_dict().items():  # the projector was trained on this draw's LM, not the cache's
+        assert torch.equal(seal.decoder.state_dict()[name], weight), name
+    assert not torch.equal(seal.decoder.wte.weight, GPT.from_pretrained("tiny-lm").wte.weight)
+    assert result["seal"] == train.seal_cells(cfg, cfg.artifact("corpus"), seal)
+    printed = capsys.readouterr().out
+    assert "| Seal / oracle, arbitrary |" in printed.splitlines()[-5]  # the table's head: one draw, then the counts
+    for argv, message in ((["--out", str(runs)], "--out holds the LMs and projectors of --seal"),
+                          (["--ids", "1,x"], "--ids '1,x': expected draw numbers separated by commas"),
+                          (["--ids", "1,1"], "--ids '1,1': the draws must be distinct")):
+        with pytest.raises(SystemExit, match=message):
+            main(argv, base=cfg)
+
+
 def test_quick_world_chain(quick_world, monkeypatch, capsys):
     """Every stage of a toy-sized world leaves a loadable artifact; the text oracle beats chance."""
     from decoder import GPT, load_tokenizer
@@ -436,6 +464,9 @@ def test_bench_lm_draws_reports_every_check_of_every_draw(tmp_path):
     bad = subprocess.run([sys.executable, "bench/bench_lm_draws.py", "--set", "lm_steps=many"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--set 'lm_steps=many': 'many' is not a valid int" in bad.stderr
+    no_hubert = subprocess.run([sys.executable, "bench/bench_lm_draws.py", "--seal"], env=env, capture_output=True,
+                               text=True)
+    assert no_hubert.returncode != 0 and "no finished tiny HuBERT of this world, which --seal trains" in no_hubert.stderr
 
 
 def test_bench_lm_draws_summary():
