@@ -788,11 +788,12 @@ class WorldConfig:
     # tokens. Soft tokens are never exact embeddings; without this, a noise of 0.5 already drops
     # arbitrary-label 5-shot accuracy on text from 99% to 55% (with it, 1.0 gives 86%; measured).
     # Less noise makes in-context learning appear sooner and on more draws (on a GPU: 3 of 14 draws at 1.5,
-    # 11 at 1.0, 13 at 0.75, 14 at 0.5), but Seal reads such an LM worse. The chain's own draw at 1.0 learned
-    # only at its last check (64%) and made a weaker world than this one (valid split, arbitrary labels, k = 5:
-    # text oracle 64.3% against 93.3%, Seal 53.0% against 63.7%); at 0.75 it learned early (oracle 98.0%) but
-    # Seal fell to 59.0% (test split: 64.1% of the oracle against 79.3%). So the first draw keeps 1.5
-    # (bench/EXPERIMENTS.md, "When in-context learning appears").
+    # 11 at 1.0, 13 at 0.75, 14 at 0.5). For the chain's own draw, 1.5 made the best world: at 1.0 it learned
+    # only at its last check (64%) and made a weaker world (valid split, arbitrary labels, k = 5: text oracle
+    # 64.3% against 93.3%, Seal 53.0% against 63.7%); at 0.75 it learned early (oracle 98.0%) but Seal fell to
+    # 59.0% (test split: 64.1% of the oracle against 79.3%). Over ten GPU draws, each with a projector, no level
+    # was better for Seal than another: the draw decides (bench/EXPERIMENTS.md, "When in-context learning
+    # appears" and "Seal over many LM draws"). So the first draw keeps 1.5.
     lm_noise: float = 1.5
     # 3. tiny HuBERT
     hubert_layers: int = 3
@@ -1046,8 +1047,9 @@ LM_DRAWS = 3  # the LM stage trains up to this many draws until one learns in co
 LM_DRAW_STRIDE = 1000  # draw d trains with seed cfg.seed + 1000 d: another initialization, documents and noise
 # Draws after the first train with this share of cfg.lm_noise. With less noise, in-context learning appears on
 # more draws (3 of 4 at 0.75, against 1 of 4 at 1.5 on the same CPU draws; 13 of 14 against 3 of 14 on a GPU;
-# bench/EXPERIMENTS.md, "When in-context learning appears"), but Seal reads the LM less well: the first draw
-# keeps the chain's recipe, the next ones raise the odds that the world is valid.
+# bench/EXPERIMENTS.md, "When in-context learning appears"). The first draw keeps the chain's recipe, whose LM
+# gives the chain's table; the next ones raise the odds that the world is valid. (Seal's share of the oracle
+# over ten GPU draws with a projector each, "Seal over many LM draws": no noise level stood out.)
 LM_FALLBACK_NOISE = 0.5
 
 
