@@ -3,13 +3,14 @@
 The LM stage (train.py, stage 2) learns in context late and suddenly, and whether it does so within
 WorldConfig.lm_steps depends on the random draws (bench/EXPERIMENTS.md, "When in-context learning
 appears"). This trains draws 0..N-1 of train.train_lm with the stage's seeds (draw d: WorldConfig.seed +
-1,000 d, its own initialization, documents and noise; the tokenizer trained as the stage trains it), in parallel worker
-processes. Every draw keeps the recipe as given, so that the recipe is what is measured: the stage itself
-trains the draws after its first with less noise (train.LM_FALLBACK_NOISE). It prints each draw's check as it is measured (train.lm_check: 4-way 5-shot accuracy on text,
-arbitrary labels, 100 queries of the valid split, LM_CHECKS times per draw), then a summary: the check at
-the end of each draw, the first step at which it reached a few-shot learner's bar (half-way from chance to
-100%, train.LM_FEW_SHOT_MIN), and how many draws end above it. `--set` changes the recipe: any WorldConfig
-field, e.g. `--set lm_noise=0.75 --set lm_heads=2`.
+1,000 d, its own initialization, documents and noise; the tokenizer trained as the stage trains it), in
+parallel worker processes. Every draw keeps the recipe as given, so that the recipe is what is measured: the
+stage itself trains the draws after its first with less noise (train.LM_FALLBACK_NOISE). It prints each
+draw's check as it is measured (train.lm_check: 4-way 5-shot accuracy on text, arbitrary labels, 100 queries
+of the valid split, LM_CHECKS times per draw), then a summary: the check at the end of each draw, the first
+step at which it reached a few-shot learner's bar (half-way from chance to 100%, train.LM_FEW_SHOT_MIN), and
+how many draws end above it. `--set` changes the recipe: any WorldConfig field, e.g. `--set lm_noise=0.75
+--set lm_heads=2`.
 
 With --seal, each draw's LM is saved and the chain's Seal projector (its settings and seed, the cache's tiny
 HuBERT) is trained on it, then scored as the table scores it (train.seal_cells: the text oracle and Seal at the
@@ -19,9 +20,12 @@ the 2-core CPU (on the chain's own LM, its fp32 run gives the chain's table cell
 measured).
 
 It reads the micro world's corpus (stage 1, for the check's utterances; with --seal, the tiny HuBERT too) from
-$SEAL_CACHE and writes nothing there: build it first with `python train.py` (or at least its first stage). At the default sizes, two draws at
-a time on the 2-core CPU, one thread each, took 16-17 minutes; on an H200 (16 cores), 14 draws at a time took
-127-136 s (measured). A GPU trains other draws than the CPU: its random numbers differ (train.train_lm).
+$SEAL_CACHE and writes nothing there: build it first with `python train.py` (or at least its first stage). At
+the default sizes, two draws at a time on the 2-core CPU, one thread each, took 16-17 minutes; on an H200 (16
+cores), 14 draws at a time took 127-136 s, and with --seal 110-113 s for each LM and 162-171 s for each
+projector and its scores, 301 s in all (measured). A GPU trains other draws than the CPU (its random numbers
+differ: train.train_lm), and a rerun there need not repeat a draw's outcome (bench/EXPERIMENTS.md, "Seal over
+many LM draws"): it measures a recipe's odds.
 
     python bench/bench_lm_draws.py --draws 2                          # the chain's recipe, draws 0 and 1
     python bench/bench_lm_draws.py --draws 4 --set lm_noise=0.75      # a variant, two draws at a time
@@ -143,8 +147,8 @@ def summarize(results: list[dict], cfg: train.WorldConfig) -> str:
         k = max(cfg.shots)
         for name in labels:
             ratios = [r["seal"][f"Seal (KL), {name}"] / r["seal"][f"text oracle, {name}"] for r in learners]
-            lines.append(f"Seal / text oracle at k = {k}, {name} labels, over the learners: mean {np.mean(ratios):.1%}, "
-                         f"min {min(ratios):.1%}, max {max(ratios):.1%}")
+            lines.append(f"Seal / text oracle at k = {k}, {name} labels, over the learners: "
+                         f"mean {np.mean(ratios):.1%}, min {min(ratios):.1%}, max {max(ratios):.1%}")
     return "\n".join(lines)
 
 
@@ -158,12 +162,13 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
     p.add_argument("--jobs", type=int, default=2, help="draws trained at a time, one process each (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--ids", metavar="D,D,...", help="train these draws instead (e.g. 6,9,10), ignoring --draws and --first")
+    p.add_argument("--ids", metavar="D,D,...",
+                   help="train these draws instead (e.g. 6,9,10), ignoring --draws and --first")
     p.add_argument("--seal", action="store_true",
                    help="also train the chain's Seal projector on each draw's LM and score it with the text oracle "
                         "(the table's cells at its largest k; needs the cache's tiny HuBERT)")
-    p.add_argument("--out", type=Path, help="with --seal: where each draw's LM and projector go, as draw<d>/tiny-lm and "
-                                            "draw<d>/seal-fsc (default: a temporary folder)")
+    p.add_argument("--out", type=Path, help="with --seal: where each draw's LM and projector go, as draw<d>/tiny-lm "
+                                            "and draw<d>/seal-fsc (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write the results (every check of every draw) to this file")
     args = p.parse_args(argv)
     if args.draws < 1 or args.jobs < 1 or args.threads < 1 or args.first < 0:
@@ -189,8 +194,9 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
         raise SystemExit(f"{cfg.artifact('hubert')}: no finished tiny HuBERT of this world, which --seal trains the "
                          f"projectors with: run `python train.py` first (or point $SEAL_CACHE at a cache that has one)")
     steps = train.lm_check_steps(cfg)
-    print(f"{len(draws)} draws of the tiny LM ({cfg.lm_steps:,} steps each){', each with a Seal projector' if args.seal else ''}, "
-          f"{args.jobs} at a time on {args.device}; settings changed: {settings or 'none'}")
+    with_seal = ", each with a Seal projector" if args.seal else ""
+    print(f"{len(draws)} draws of the tiny LM ({cfg.lm_steps:,} steps each){with_seal}, {args.jobs} at a time on "
+          f"{args.device}; settings changed: {settings or 'none'}")
     # spawn: CUDA cannot be used in a forked child, and every worker starts from a clean interpreter
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as scratch, ctx.Manager() as manager, ctx.Pool(args.jobs) as pool:
