@@ -1,7 +1,10 @@
 """The CUDA paths: autocast (bf16, fp16) against fp32, train() with the fused AdamW, the GradScaler and
-torch.compile, and few-shot scoring on the GPU against the CPU. Skipped without a GPU, so CI (CPU only)
-skips them; run them with `python -m pytest tests/test_cuda.py` on a machine that has one."""
+torch.compile, few-shot scoring on the GPU against the CPU, and the tiny LM's training there (bench_lm_draws.py).
+Skipped without a GPU, so CI (CPU only) skips them; run them with `python -m pytest tests/test_cuda.py` on a
+machine that has one."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import fewshot
 from fewshot import FewShot, RunConfig
 from seal import Seal
 from test_fewshot import speech_world  # noqa: F401  (a random tiny Seal with word-level text)
-from test_train import argv, metrics, world  # noqa: F401  (a tiny LM, HuBERT and noise manifest on disk)
+from test_train import REPO, argv, metrics, world  # noqa: F401  (a tiny LM, HuBERT and noise manifest on disk)
 from train import TrainConfig, autocast, batch_features, build_seal, load_data, main, precision_policy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -129,3 +132,25 @@ def test_tiny_lm_draw_on_cuda_matches_the_cpu_without_noise(tmp_path, exact_fp32
     assert devices == ["cpu"] * 5 + ["cuda"] * 5
     for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_tiny_lm_draw_repeats_on_cuda_in_the_benchmarks_workers():
+    """bench/bench_lm_draws.py's workers (bench_lm_draws.repeatable) train a draw on the GPU bit for bit again: on an
+    H200, two runs without torch's deterministic algorithms differed after 60 steps. A fresh interpreter, as a
+    worker is: cuBLAS reads its workspace setting when it starts."""
+    script = """
+import dataclasses, tempfile
+from pathlib import Path
+import torch
+import train
+from bench.bench_lm_draws import repeatable
+repeatable("cuda")
+cfg = dataclasses.replace(train.WorldConfig(), lm_steps=60)
+with tempfile.TemporaryDirectory() as folder:
+    tok = train.world_tokenizer(cfg, Path(folder))
+a, b = (train.train_lm(cfg, tok, lambda lm: 0.0, draw=1, device="cuda", progress=False)[0].state_dict() for _ in "ab")
+assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+print("repeated")
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "repeated" in run.stdout, run.stderr[-3000:]
