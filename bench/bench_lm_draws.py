@@ -54,6 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from decoder import load_tokenizer  # noqa: E402
+from seal import Seal  # noqa: E402
 
 
 def parse_settings(pairs: list[str], config: type = train.WorldConfig, fixed: tuple[str, ...] = ()) -> dict:
@@ -131,8 +132,6 @@ def run_draw(job: tuple) -> dict:
 def seal_on_lm(cfg: train.WorldConfig, corpus: Path, lm: Path, out: Path, device: str) -> dict[str, float]:
     """The chain's Seal projector (its settings and seed, the cache's tiny HuBERT) trained on the LM saved at
     `lm`, in fp32 on `device`, then scored as the table scores it: train.seal_cells."""
-    from seal import Seal
-
     tc = dataclasses.replace(train.world_train_config(cfg, corpus, "kl"), lm=str(lm), out_dir=str(out), resume=False,
                              device=device, precision="fp32", progress=False)
     examples = train.load_data(tc, load_tokenizer(str(lm)))
