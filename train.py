@@ -1312,18 +1312,26 @@ def world_inputs(corpus: Path, seals: dict[str, Seal], examples: Sequence[Exampl
     return inputs, labels
 
 
+def table_cell(cfg: WorldConfig, lm: GPT, tok, inputs: dict[str, list], labels: dict[str, list[str]],
+               intents: Sequence[str], k: int, arbitrary: bool, bar: tqdm | None = None) -> list[float]:
+    """One cell of the table: few_shot_accuracy for each of the table's evaluation seeds. The episodes depend only
+    on the seed (one random.Random(seed) each), so every row is scored on the same ones: rows differ only in their
+    inputs."""
+    return [few_shot_accuracy(lm, tok, inputs, labels, intents, cfg.n_way, k, arbitrary, episodes, cfg.table_queries,
+                              bar=bar) for episodes in range(cfg.table_seeds)]
+
+
 def seal_cells(cfg: WorldConfig, corpus: Path, seal: Seal, examples: Sequence[Example] = ()) -> dict[str, float]:
     """The table's cells that compare one Seal with its text oracle: both rows at the largest k, arbitrary and
-    natural labels, each the mean over the table's evaluation seeds (the table's own episodes and queries).
+    natural labels, each the mean over the table's evaluation seeds (table_cell, as world_table scores them).
     Keys: "text oracle, arbitrary", "Seal (KL), arbitrary", ... The benchmarks that retrain a projector
     (bench/bench_seal_variant.py) or an LM (bench/bench_lm_draws.py --seal) report these."""
     inputs, labels = world_inputs(corpus, {"Seal (KL)": seal}, examples)
     k = max(cfg.shots)
     intents = demo_intents(labels["train"], k)
-    return {f"{row}, {name}": float(np.mean([
-        few_shot_accuracy(seal.decoder, seal.tokenizer, inputs[row], labels, intents, cfg.n_way, k, arbitrary,
-                          episodes, cfg.table_queries) for episodes in range(cfg.table_seeds)]))
-        for row in ("text oracle", "Seal (KL)") for name, arbitrary in (("arbitrary", True), ("natural", False))}
+    return {f"{row}, {name}": float(np.mean(table_cell(cfg, seal.decoder, seal.tokenizer, inputs[row], labels,
+                                                       intents, k, arbitrary)))
+            for row in ("text oracle", "Seal (KL)") for name, arbitrary in (("arbitrary", True), ("natural", False))}
 
 
 @torch.no_grad()
@@ -1372,9 +1380,7 @@ def world_table(cfg: WorldConfig, corpus: Path, examples: Sequence[Example] = ()
     runs = [(row, arbitrary, k) for arbitrary in (False, True) for row in inputs for k in cfg.shots]
     bar = tqdm(total=len(runs) * cfg.table_seeds * cfg.table_queries, desc="table: few-shot", unit="query")
     for row, arbitrary, k in runs:
-        # the same episodes for every row (one random.Random(episodes) each): rows differ only in their inputs
-        accs = [few_shot_accuracy(lm, tok, inputs[row], labels, intents, cfg.n_way, k, arbitrary, episodes,
-                                  cfg.table_queries, bar=bar) for episodes in range(cfg.table_seeds)]
+        accs = table_cell(cfg, lm, tok, inputs[row], labels, intents, k, arbitrary, bar=bar)
         results.append(dict(row=row, labels="arbitrary" if arbitrary else "natural", k=k,
                             accuracy=float(np.mean(accs)), std=float(np.std(accs)), seeds=accs))
     bar.close()
