@@ -24,8 +24,8 @@ $SEAL_CACHE and writes nothing there: build it first with `python train.py` (or 
 the default sizes, two draws at a time on the 2-core CPU, one thread each, took 16-17 minutes; on an H200 (16
 cores), 14 draws at a time took 127-136 s, and with --seal 110-113 s for each LM and 162-171 s for each
 projector and its scores, 301 s in all (measured). A GPU trains other draws than the CPU (its random numbers
-differ: train.train_lm). There the workers train the LMs with torch's deterministic algorithms (repeatable()),
-so that a rerun repeats each LM (the --seal projectors train as train.py does). The sweeps recorded in
+differ: train.train_lm). There the workers train with torch's deterministic algorithms
+(train.make_deterministic), so that a rerun repeats each LM and projector. The sweeps recorded in
 bench/EXPERIMENTS.md ran without them, and some of their draws came out otherwise in another session ("Seal
 over many LM draws").
 
@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import queue as queues
 import sys
 import tempfile
@@ -81,25 +80,14 @@ def parse_settings(pairs: list[str], config: type = train.WorldConfig, fixed: tu
     return out
 
 
-def repeatable(device: str) -> None:
-    """On a GPU, make a draw repeat bit for bit: torch's deterministic kernels, and the fixed workspace that cuBLAS
-    needs for them, set before its first use (each worker is a fresh process). Without them, two runs of one draw
-    on an H200 differed after 60 steps in 38 of the LM's 40 tensors (by up to 1.2e-6); with them, none did, in
-    1.9-2.0 s against 1.6 s for two runs (measured); so a draw's outcome repeats too, where a draw near the edge
-    had learned in one session and not in the next. Strictly: with warn_only, the backward of the LM's attention
-    (its memory-efficient kernel) stays non-deterministic, and two runs differed (measured). The CPU repeats
-    itself already."""
-    if torch.device(device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-
-
 def run_draw(job: tuple) -> dict:
     """Worker: one draw of train_lm, its checks sent to the main process as they are measured; with `out` (--seal),
     the draw's LM is saved to out/draw<d>/tiny-lm and the chain's Seal projector is trained and scored on it."""
     cfg, draw, corpus, device, threads, queue, out = job
     torch.set_num_threads(threads)
-    repeatable(device)
+    # On a GPU, deterministic kernels: a rerun of a draw repeats its LM and projector bit for bit (each worker is
+    # a fresh process, so this comes before its first CUDA matmul).
+    train.make_deterministic(torch.device(device))
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) if out is None else out / f"draw{draw}" / "tiny-lm"
         folder.mkdir(parents=True, exist_ok=True)
@@ -118,9 +106,6 @@ def run_draw(job: tuple) -> dict:
         result = {"draw": draw, "seed": train.lm_draw_seed(cfg, draw), "checks": checks, "seconds": time.time() - t0}
         if out is not None:
             model.cpu().save_pretrained(folder)  # config.json and model.safetensors beside its tokenizer.model
-            # the projector's training has not been run under deterministic algorithms on a GPU, where an op
-            # without a deterministic kernel would stop it: it trains as train.py does
-            torch.use_deterministic_algorithms(False)
             t0 = time.time()
             result["seal"] = seal_on_lm(cfg, corpus, folder, out / f"draw{draw}" / "seal-fsc", device)
             result["seal_seconds"] = time.time() - t0
@@ -131,9 +116,10 @@ def run_draw(job: tuple) -> dict:
 
 def seal_on_lm(cfg: train.WorldConfig, corpus: Path, lm: Path, out: Path, device: str) -> dict[str, float]:
     """The chain's Seal projector (its settings and seed, the cache's tiny HuBERT) trained on the LM saved at
-    `lm`, in fp32 on `device`, then scored as the table scores it: train.seal_cells."""
+    `lm`, in fp32 on `device` (on a GPU with deterministic kernels), then scored as the table scores it:
+    train.seal_cells."""
     tc = dataclasses.replace(train.world_train_config(cfg, corpus, "kl"), lm=str(lm), out_dir=str(out), resume=False,
-                             device=device, precision="fp32", progress=False)
+                             device=device, precision="fp32", deterministic=True, progress=False)
     examples = train.load_data(tc, load_tokenizer(str(lm)))
     train.train(tc, examples=examples)
     seal = Seal.from_pretrained(out / train.PROJECTOR_NAME).eval()

@@ -1,10 +1,12 @@
 """The CUDA paths: autocast (bf16, fp16) against fp32, train() with the fused AdamW, the GradScaler and
-torch.compile, few-shot scoring on the GPU against the CPU, and the tiny LM's training there (bench_lm_draws.py).
+torch.compile, few-shot scoring on the GPU against the CPU, the tiny LM's training there (bench_lm_draws.py), and
+--deterministic runs that repeat bit for bit.
 Skipped without a GPU, so CI (CPU only) skips them; run them with `python -m pytest tests/test_cuda.py` on a
 machine that has one."""
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from fewshot import FewShot, RunConfig
 from seal import Seal
 from test_fewshot import speech_world  # noqa: F401  (a random tiny Seal with word-level text)
 from test_train import REPO, argv, metrics, world  # noqa: F401  (a tiny LM, HuBERT and noise manifest on disk)
+from test_world import quick_world  # noqa: F401  (the toy-sized micro world, built on the CPU)
 from train import TrainConfig, autocast, batch_features, build_seal, load_data, main, precision_policy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -134,17 +137,16 @@ def test_tiny_lm_draw_on_cuda_matches_the_cpu_without_noise(tmp_path, exact_fp32
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_tiny_lm_draw_repeats_on_cuda_in_the_benchmarks_workers():
-    """bench/bench_lm_draws.py's workers (bench_lm_draws.repeatable) train a draw on the GPU bit for bit again: on an
-    H200, two runs without torch's deterministic algorithms differed after 60 steps. A fresh interpreter, as a
-    worker is: cuBLAS reads its workspace setting when it starts."""
+def test_tiny_lm_draw_repeats_on_cuda_with_deterministic_kernels():
+    """With train.make_deterministic, as bench/bench_lm_draws.py's workers train, a draw of the tiny LM repeats on the
+    GPU bit for bit: on an H200, two runs without it differed after 60 steps. A fresh interpreter, as a worker is:
+    cuBLAS reads its workspace setting once."""
     script = """
 import dataclasses, tempfile
 from pathlib import Path
 import torch
 import train
-from bench.bench_lm_draws import repeatable
-repeatable("cuda")
+train.make_deterministic(torch.device("cuda"))
 cfg = dataclasses.replace(train.WorldConfig(), lm_steps=60)
 with tempfile.TemporaryDirectory() as folder:
     tok = train.world_tokenizer(cfg, Path(folder))
@@ -154,3 +156,47 @@ print("repeated")
 """
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "repeated" in run.stdout, run.stderr[-3000:]
+
+
+def projector_weights(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["projector"]
+
+
+def test_train_repeats_bit_for_bit_on_cuda_with_deterministic(world, tmp_path):  # noqa: F811
+    """`train.py --deterministic`: two runs on the GPU train the same projector bit for bit, in each precision, with
+    rows like the micro world's (several lines, soft tokens at the embedding norm, a KL temperature). Each run is a
+    command in a fresh interpreter, as a user's is: cuBLAS reads its workspace setting once. What fails here is an
+    op of training that has no deterministic kernel (torch raises then) or a run that does not repeat; this toy
+    world's runs repeated on an H200 without --deterministic too (measured), so it cannot show that they need it."""
+    for precision in ("fp32", "bf16", "fp16"):
+        runs = []
+        for name in ("a", "b"):
+            out = tmp_path / f"{precision}-{name}"
+            flags = argv(world, out, "--device", "cuda", "--precision", precision, "--deterministic", "--lines", "2",
+                         "--match-embedding-norm", "--temperature", "2", "--max-steps", "30", "--eval-every", "30")
+            done = subprocess.run([sys.executable, "train.py", *flags], cwd=REPO, capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs.append(projector_weights(out / "ckpt.pt"))
+        a, b = runs
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), precision
+
+
+def test_bench_lm_draws_seal_repeats_on_cuda(quick_world, monkeypatch, tmp_path):  # noqa: F811
+    """bench/bench_lm_draws.py --seal --device cuda, twice on the toy world: the same LM, projector and cells, bit for
+    bit. Its workers train with deterministic kernels, and each is a fresh process."""
+    import train
+    from bench.bench_lm_draws import main as bench_lm_draws
+
+    monkeypatch.setenv("SEAL_CACHE", str(quick_world["cache"]))
+    results, weights = [], []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        (result,) = bench_lm_draws(["--ids", "2", "--jobs", "1", "--seal", "--device", "cuda", "--out", str(out),
+                                    "--set", "lm_steps=24"], base=train.WorldConfig.quick())
+        results.append({key: result[key] for key in ("checks", "seal")})
+        seal = Seal.from_pretrained(out / "draw2" / "seal-fsc" / train.PROJECTOR_NAME)
+        weights.append(seal.state_dict())  # the draw's LM and the projector trained on it
+    assert results[0] == results[1]
+    a, b = weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
