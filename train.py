@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -961,21 +962,25 @@ def world_corpus(cfg: WorldConfig) -> Path:
     return out
 
 
-def train_tokenizer(corpus, out: Path, vocab_size: int, n_docs: int = 20_000) -> None:
-    """A sentencepiece BPE over the corpus's lines; "\\n" is a token of its own (it ends every demo)."""
+def train_tokenizer(corpus, path: Path, vocab_size: int, n_docs: int = 20_000) -> None:
+    """A sentencepiece BPE over the corpus's lines, written to `path`; "\\n" is a token of its own (it ends every
+    demo). The model comes back in memory (model_writer) rather than under a file prefix, which sentencepiece
+    would record in the model: the same tokenizer's bytes then differed with the folder of the cache (measured),
+    and so did every digest of the LM's folder."""
     import sentencepiece as spm
 
     lines = [line for _ in range(n_docs) for line in "".join(corpus.document()).split("\n") if line]
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out), vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, bos_id=-1, eos_id=0, unk_id=1, pad_id=-1,  # id 0 </s> ends documents
         user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(model.getvalue())
 
 
 def world_tokenizer(cfg: WorldConfig, folder: Path) -> SentencePieceTokenizer:
     """The LM stage's BPE, trained on documents of another seed than the LM's, saved as folder/tokenizer.model."""
-    train_tokenizer(data.LMCorpus(data.fsc_grammar(), seed=cfg.seed + 1), folder / "tokenizer", cfg.lm_vocab)
-    (folder / "tokenizer.vocab").unlink()
+    train_tokenizer(data.LMCorpus(data.fsc_grammar(), seed=cfg.seed + 1), folder / "tokenizer.model", cfg.lm_vocab)
     return SentencePieceTokenizer(folder / "tokenizer.model")
 
 

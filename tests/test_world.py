@@ -350,6 +350,19 @@ def test_each_stage_is_stamped_with_its_own_settings():
     assert check.stamp("lm") != cfg.stamp("lm") and check.stamp("corpus") == cfg.stamp("corpus")
 
 
+def test_tokenizer_bytes_do_not_depend_on_the_folder(tmp_path):
+    """The LM stage's tokenizer.model is the same file wherever the cache is: sentencepiece records a file prefix in
+    the model, which made the bytes (and the digests of the LM's folder in the later stages' stamps) differ."""
+    cfg = train.WorldConfig.quick()
+    folders = [tmp_path / "a", tmp_path / "somewhere" / "else"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        tok = train.world_tokenizer(cfg, folder)
+    assert tok.vocab_size == cfg.lm_vocab and sorted(p.name for p in folders[1].iterdir()) == ["tokenizer.model"]
+    assert (folders[0] / "tokenizer.model").read_bytes() == (folders[1] / "tokenizer.model").read_bytes()
+    assert str(tmp_path).encode() not in (folders[0] / "tokenizer.model").read_bytes()
+
+
 def test_stage_behind_a_link_is_not_deleted(tmp_path):
     """A stage folder that links elsewhere and was built with other settings is refused, not removed."""
     elsewhere = tmp_path / "my-lm"
