@@ -229,6 +229,9 @@ def test_bench_seal_variant(quick_world, monkeypatch, capsys, tmp_path):
                    base=cfg)
     assert list(variant) == [0, 1] and (tmp_path / "runs" / "seed1" / train.PROJECTOR_NAME).is_file()
     assert torch.load(tmp_path / "runs" / "seed1" / train.CKPT_NAME, weights_only=True)["config"]["temperature"] == 3.0
+    # the same seeds in two worker processes, each computing the features itself: the same figures
+    parallel = main(["--seeds", "2", "--set", "temperature=3", "--set", "max_steps=4", "--jobs", "2"], base=cfg)
+    assert parallel == variant
     printed = capsys.readouterr().out
     assert "Seal (KL) trained with {'temperature': 3.0, 'max_steps': 4}, projector seeds 0, 1:" in printed
     assert "arbitrary labels: Seal " in printed and "Seal / text oracle " in printed
@@ -236,6 +239,8 @@ def test_bench_seal_variant(quick_world, monkeypatch, capsys, tmp_path):
         main(["--set", "loss=ce"], base=cfg)
     with pytest.raises(SystemExit, match="--set 'lr=fast': 'fast' is not a valid float"):
         main(["--set", "lr=fast"], base=cfg)
+    with pytest.raises(SystemExit, match="--seeds, --jobs and --threads must be >= 1, got 3, 0, 1"):
+        main(["--jobs", "0"], base=cfg)
     monkeypatch.setenv("SEAL_CACHE", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match="no finished corpus stage of this world; run `python train.py` first"):
         main([], base=cfg)
