@@ -114,13 +114,18 @@ def run_draw(job: tuple) -> dict:
     return result
 
 
-def seal_on_lm(cfg: train.WorldConfig, corpus: Path, lm: Path, out: Path, device: str) -> dict[str, float]:
-    """The chain's Seal projector (its settings and seed, the cache's tiny HuBERT) trained on the LM saved at
-    `lm`, in fp32 on `device` (on a GPU with deterministic kernels), then scored as the table scores it:
-    train.seal_cells."""
-    tc = dataclasses.replace(train.world_train_config(cfg, corpus, "kl"), lm=str(lm), out_dir=str(out), resume=False,
-                             device=device, precision="fp32", deterministic=True, progress=False)
-    examples = train.load_data(tc, load_tokenizer(str(lm)))
+def seal_on_lm(cfg: train.WorldConfig, corpus: Path, lm: Path | str, out: Path, device: str, seed: int | None = None,
+               settings: dict | None = None, examples: tuple | None = None, progress: bool = False) -> dict[str, float]:
+    """The chain's Seal projector (its settings, the cache's tiny HuBERT) trained on the LM at `lm` (a folder, or
+    "tiny-lm") into `out`, in fp32 on `device` (on a GPU with deterministic kernels), then scored as the table
+    scores it: train.seal_cells. `seed`: the projector's (cfg.seed unless given); `settings`: TrainConfig changes,
+    applied last (bench_seal_variant.py's --set); `examples`: train and held-out examples whose encoder features
+    are shared between calls (built here when not given)."""
+    tc = dataclasses.replace(train.world_train_config(cfg, corpus, "kl", seed=seed), lm=str(lm), out_dir=str(out),
+                             resume=False, device=device, precision="fp32", deterministic=True, progress=progress)
+    tc = dataclasses.replace(tc, **(settings or {}))
+    if examples is None:
+        examples = train.load_data(tc, load_tokenizer(str(lm)))
     train.train(tc, examples=examples)
     seal = Seal.from_pretrained(out / train.PROJECTOR_NAME).eval()
     return train.seal_cells(cfg, corpus, seal, examples[0])

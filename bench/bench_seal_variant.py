@@ -26,7 +26,6 @@ have run on the CPU only (tests/test_world.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import sys
@@ -38,8 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from bench.bench_lm_draws import parse_settings  # noqa: E402
-from seal import Seal  # noqa: E402
+from bench.bench_lm_draws import parse_settings, seal_on_lm  # noqa: E402
 
 # TrainConfig fields that name the models, the data, the loss or the run rather than how the projector learns
 FIXED = ("encoder", "lm", "data", "eval_data", "loss", "out_dir", "resume", "seed")
@@ -55,13 +53,9 @@ def train_and_score(job: tuple) -> tuple[int, dict]:
     if not in_process:
         torch.set_num_threads(threads)
         examples = train.world_examples(cfg, corpus)
-    tc = dataclasses.replace(train.world_train_config(cfg, corpus, "kl", seed=seed), out_dir=str(run), resume=False,
-                             device=device, precision="fp32", deterministic=True, progress=in_process)
-    tc = dataclasses.replace(tc, **settings)  # after the defaults above: --set precision=bf16 wins
     print(f"projector seed {seed}: training into {run}" + (f" with {settings}" if settings else ""), flush=True)
-    train.train(tc, examples=examples)
-    seal = Seal.from_pretrained(run / train.PROJECTOR_NAME).eval()
-    figures = train.seal_cells(cfg, corpus, seal, examples[0])
+    # the settings go last: --set precision=bf16 wins over the fp32 there
+    figures = seal_on_lm(cfg, corpus, "tiny-lm", run, device, seed, settings, examples, progress=in_process)
     print(f"projector seed {seed}: " + ", ".join(f"{key} {acc:.1%}" for key, acc in figures.items()), flush=True)
     return seed, figures
 
