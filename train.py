@@ -920,11 +920,27 @@ def stage_stamp(cfg: WorldConfig, stage: str) -> dict:
     return stamp
 
 
+def stamp_mismatch(out: Path, cfg: WorldConfig, stage: str) -> str:
+    """Why `out`'s stamp does not name this config's settings for `stage` and the upstream artifacts in the
+    cache now: "" when it does (reads only). E.g. a corpus rendered again on another machine differs in its last
+    bits, and a HuBERT carried from the first one then no longer matches it."""
+    stamp_file = out / STAMP_NAME
+    if not stamp_file.is_file():
+        return f"no {stamp_file}"
+    stamp, wanted = json.loads(stamp_file.read_text()), stage_stamp(cfg, stage)
+    wanted_inputs, stamp_inputs = wanted.pop("inputs", {}), stamp.pop("inputs", {})
+    reasons = [f"{key} {stamp.get(key, 'unset')} in {stamp_file}, {wanted.get(key, 'unset')} in this WorldConfig"
+               for key in sorted(stamp.keys() | wanted.keys()) if stamp.get(key) != wanted.get(key)]
+    reasons += [f"built from a {name} with sha256 {str(stamp_inputs.get(name))[:12]}..., the cache's "
+                f"{cfg.artifact(name)} has {digest[:12]}..." for name, digest in wanted_inputs.items()
+                if stamp_inputs.get(name) != digest]
+    return "; ".join(reasons)
+
+
 def stamp_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
     """Whether `out`'s stamp names this config's settings for `stage` and the upstream artifacts in the
     cache now (reads only)."""
-    stamp = out / STAMP_NAME
-    return stamp.is_file() and json.loads(stamp.read_text()) == stage_stamp(cfg, stage)
+    return not stamp_mismatch(out, cfg, stage)
 
 
 def stage_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
@@ -933,15 +949,16 @@ def stage_matches(out: Path, cfg: WorldConfig, stage: str) -> bool:
 
     A folder built otherwise, or by an older version without a stamp, is removed so that the stage is
     rebuilt; since stamps include upstream settings and digests, the stages after it are rebuilt too."""
-    if stamp_matches(out, cfg, stage):
+    why = stamp_mismatch(out, cfg, stage)
+    if not why:
         return True
     if out.is_symlink():  # someone else's folder: not ours to delete
         raise UserError(f"{out} links to {os.readlink(out)}, which was built with other settings than this "
-                        f"WorldConfig or from other upstream artifacts ({STAMP_NAME} differs or is missing); "
-                        f"remove the link to rebuild the stage here")
+                        f"WorldConfig or from other upstream artifacts ({why}); remove the link to rebuild the "
+                        f"stage here")
     if out.exists():
         tqdm.write(f"{out}: built with other settings than this WorldConfig, or from other upstream artifacts "
-                   f"than the cache's; rebuilding it")
+                   f"than the cache's ({why}); rebuilding it")
         shutil.rmtree(out)
     return False
 

@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
         raise SystemExit(f"no micro-world corpus at {corpus}: run `python train.py` first (its first stage "
                          f"writes it), or point $SEAL_CACHE at a cache that has one")
 
-    if args.seal and not train.stamp_matches(cfg.artifact("hubert"), cfg, "hubert"):
-        raise SystemExit(f"{cfg.artifact('hubert')}: no finished tiny HuBERT of this world, which --seal trains the "
-                         f"projectors with: run `python train.py` first (or point $SEAL_CACHE at a cache that has one)")
+    if args.seal and (why := train.stamp_mismatch(cfg.artifact("hubert"), cfg, "hubert")):
+        raise SystemExit(f"{cfg.artifact('hubert')}: no finished tiny HuBERT of this world ({why}), which --seal "
+                         f"trains the projectors with: run `python train.py` first (or point $SEAL_CACHE at a cache "
+                         f"that has one)")
     steps = train.lm_check_steps(cfg)
     with_seal = ", each with a Seal projector" if args.seal else ""
     print(f"{len(draws)} draws of the tiny LM ({cfg.lm_steps:,} steps each){with_seal}, {args.jobs} at a time on "

@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
     settings = parse_settings(args.set, train.TrainConfig, FIXED)
     cfg = base or train.WorldConfig()
     for stage in ("corpus", "lm", "hubert"):
-        if not train.stamp_matches(cfg.artifact(stage), cfg, stage):
-            raise SystemExit(f"{cfg.artifact(stage)}: no finished {stage} stage of this world; run `python train.py` "
-                             f"first (or point $SEAL_CACHE at a cache that has one)")
+        if why := train.stamp_mismatch(cfg.artifact(stage), cfg, stage):
+            raise SystemExit(f"{cfg.artifact(stage)}: no finished {stage} stage of this world ({why}); run `python "
+                             f"train.py` first (or point $SEAL_CACHE at a cache that has one)")
     seeds = range(cfg.seed, cfg.seed + args.seeds)
     with tempfile.TemporaryDirectory() as scratch:
         out = (args.out or Path(scratch)).resolve()

@@ -242,7 +242,7 @@ def test_bench_seal_variant(quick_world, monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit, match="--seeds, --jobs and --threads must be >= 1, got 3, 0, 1"):
         main(["--jobs", "0"], base=cfg)
     monkeypatch.setenv("SEAL_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="no finished corpus stage of this world; run `python train.py` first"):
+    with pytest.raises(SystemExit, match=r"no finished corpus stage of this world \(no .*world.json\); run `python train.py` first"):
         main([], base=cfg)
 
 
@@ -375,9 +375,31 @@ def test_stage_behind_a_link_is_not_deleted(tmp_path):
     (elsewhere / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "tiny-lm").symlink_to(elsewhere)
     with pytest.raises(train.UserError, match=r"tiny-lm links to .*my-lm, which was built with other settings .*"
-                                              r"world.json differs or is missing\); remove the link"):
+                                              r"\(no .*world.json\); remove the link"):
         train.stage_matches(tmp_path / "tiny-lm", train.WorldConfig.quick(), "lm")
     assert (elsewhere / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_stamp_mismatch_says_why(tmp_path, monkeypatch):
+    """A stage's stamp that does not match names the setting or the upstream artifact that differs, e.g. a HuBERT
+    carried to a machine whose corpus was rendered again with other bits."""
+    monkeypatch.setenv("SEAL_CACHE", str(tmp_path))
+    cfg = train.WorldConfig.quick()
+    corpus, hubert = cfg.artifact("corpus"), cfg.artifact("hubert")
+    corpus.mkdir(parents=True)
+    hubert.mkdir()
+    (corpus / "clip.wav").write_bytes(b"RIFF one")
+    assert train.stamp_mismatch(hubert, cfg, "hubert") == f"no {hubert / train.STAMP_NAME}"
+    train.write_stamp(hubert, cfg, "hubert")
+    assert train.stamp_mismatch(hubert, cfg, "hubert") == "" and train.stamp_matches(hubert, cfg, "hubert")
+    steps = dataclasses.replace(cfg, hubert_steps=cfg.hubert_steps + 1)
+    assert train.stamp_mismatch(hubert, steps, "hubert") == (f"hubert_steps {cfg.hubert_steps} in "
+                                                             f"{hubert / train.STAMP_NAME}, {steps.hubert_steps} in "
+                                                             f"this WorldConfig")
+    (corpus / "clip.wav").write_bytes(b"RIFF two")
+    why = train.stamp_mismatch(hubert, cfg, "hubert")
+    assert why.startswith("built from a corpus with sha256 ") and f"the cache's {corpus} has " in why
+    assert not train.stamp_matches(hubert, cfg, "hubert")
 
 
 def test_lm_stage_warns_when_no_draw_learns_in_context(tmp_path, monkeypatch, capsys):
@@ -484,7 +506,8 @@ def test_bench_lm_draws_reports_every_check_of_every_draw(tmp_path):
     assert bad.returncode != 0 and "--set 'lm_steps=many': 'many' is not a valid int" in bad.stderr
     no_hubert = subprocess.run([sys.executable, "bench/bench_lm_draws.py", "--seal"], env=env, capture_output=True,
                                text=True)
-    assert no_hubert.returncode != 0 and "no finished tiny HuBERT of this world, which --seal trains" in no_hubert.stderr
+    assert no_hubert.returncode != 0 and "no finished tiny HuBERT of this world (no " in no_hubert.stderr
+    assert "world.json), which --seal trains" in no_hubert.stderr
 
 
 def test_bench_lm_draws_summary():
