@@ -770,8 +770,11 @@ class WorldConfig:
     seed: int = 0
     # 1. speech corpus: utterances per split, and voices per split (disjoint accents/variants)
     # 8,000 train clips instead raised Seal's arbitrary-label k = 5 accuracy from 78.1% to 80.1% of the text oracle's
-    # on average over three encoder seeds (exploratory runs), and from 79.1% to 81.1% over five projector seeds, but
-    # its fresh chain took 1,235-1,245 s: over the 20 minutes (bench/EXPERIMENTS.md, "Tried at T = 2")
+    # on average over three encoder seeds (exploratory runs), from 79.1% to 81.1% over five projector seeds, and
+    # from 79.6% to 80.8% over twelve on a GPU, but the chain's own run gives 79.6% with them too, and they cost
+    # about 35 s of synthesis and caching: the chain's fresh runs of 997-1,163 s would have taken up to 1,198 s,
+    # too close to the 20 minutes (a fresh run with them: 1,115 s on a fast day; bench/EXPERIMENTS.md, "Tried at
+    # T = 2")
     n_train: int = 4000
     n_valid: int = 100
     n_test: int = 400

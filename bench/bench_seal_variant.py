@@ -14,14 +14,19 @@ projector, bit for bit, with its table figures. Training is in fp32 on --device;
 kernels (train.make_deterministic), so that a rerun repeats, but a GPU rounds otherwise than the CPU and gives
 other figures for the same seed (seed 0 of the chain's recipe on an H200: 71.2% against the CPU's 70.3%).
 With --jobs N, N seeds train at a time, each in a process of its own that computes the encoder's features
-itself (with --jobs 1 the seeds share them). A scratch script doing what --jobs 6 --threads 2 --device cuda
-does trained twelve seeds on an H200 (16 cores) in 248 s, about 85 s per projector and 15-50 s for its scores,
-with the CUDA tests running beside it (measured); the benchmark's own --jobs and --device, written from it,
-have run on the CPU only (tests/test_world.py).
+itself (with --jobs 1 the seeds share them). On an H200 (16 cores), --seeds 12 --jobs 6 --threads 2 --device
+cuda trained and scored twelve seeds of an 8,000-clip world in 256 s, and --seeds 4 --jobs 2 beside it gave the
+chain's world exactly the figures of the scratch script this path was written from (measured).
+
+The cache's stages must be this world's: a corpus rendered again on another machine differs in its last bits
+(an H200 machine with torch 2.11: measured), so a tiny HuBERT carried from the first machine is refused there,
+with the digests that differ.
 
     python bench/bench_seal_variant.py --set temperature=3 --seeds 3
     python bench/bench_seal_variant.py --set weight_decay=0.1 --seeds 3 --json wd.json
     python bench/bench_seal_variant.py --seeds 12 --jobs 6 --threads 2 --device cuda --json gpu.json
+    python -c "import sys, train; from bench.bench_seal_variant import main; \
+               main(sys.argv[1:], base=train.WorldConfig(n_train=8000))" --seeds 3   # another world's cache
 """
 from __future__ import annotations
 
