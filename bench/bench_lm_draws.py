@@ -131,6 +131,12 @@ def seal_on_lm(cfg: train.WorldConfig, corpus: Path, lm: Path | str, out: Path, 
     return train.seal_cells(cfg, corpus, seal, examples[0])
 
 
+def seal_share(cells: dict[str, float], labels: str) -> float:
+    """Seal's accuracy as a share of the text oracle's, from seal_on_lm's cells; `labels`: "arbitrary" or
+    "natural". The micro world's target is 80% at the table's largest k."""
+    return cells[f"Seal (KL), {labels}"] / cells[f"text oracle, {labels}"]
+
+
 def summarize(results: list[dict], cfg: train.WorldConfig) -> str:
     """A markdown table, one row per draw, and the count of few-shot learners; with --seal, each draw's text oracle
     and Seal at the table's largest k, and Seal's mean share of the oracle over the few-shot learners."""
@@ -149,14 +155,14 @@ def summarize(results: list[dict], cfg: train.WorldConfig) -> str:
         if sealed:
             cells = r["seal"]
             line += "".join(f" {cells[f'text oracle, {name}']:.1%} | {cells[f'Seal (KL), {name}']:.1%} | "
-                            f"{cells[f'Seal (KL), {name}'] / cells[f'text oracle, {name}']:.1%} |" for name in labels)
+                            f"{seal_share(cells, name):.1%} |" for name in labels)
         lines.append(line)
     learners = [r for r in results if r["checks"][-1][1] >= bar]
     lines.append(f"\nfew-shot learners (check at the end >= {bar:.1%}): {len(learners)} of {len(results)}")
     if sealed and learners:
         k = max(cfg.shots)
         for name in labels:
-            ratios = [r["seal"][f"Seal (KL), {name}"] / r["seal"][f"text oracle, {name}"] for r in learners]
+            ratios = [seal_share(r["seal"], name) for r in learners]
             lines.append(f"Seal / text oracle at k = {k}, {name} labels, over the learners: "
                          f"mean {np.mean(ratios):.1%}, min {min(ratios):.1%}, max {max(ratios):.1%}")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from bench.bench_lm_draws import parse_settings, seal_on_lm  # noqa: E402
+from bench.bench_lm_draws import parse_settings, seal_on_lm, seal_share  # noqa: E402
 
 # TrainConfig fields that name the models, the data, the loss or the run rather than how the projector learns
 FIXED = ("encoder", "lm", "data", "eval_data", "loss", "out_dir", "resume", "seed")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, base: train.WorldConfig | None = None) -
              f"{settings or 'the chain settings'}, projector seeds {', '.join(map(str, results))}:"]
     for name in ("arbitrary", "natural"):
         seal = [r[f"Seal (KL), {name}"] for r in results.values()]
-        ratios = [r[f"Seal (KL), {name}"] / r[f"text oracle, {name}"] for r in results.values()]
+        ratios = [seal_share(r, name) for r in results.values()]
         lines.append(f"  {name} labels: Seal " + ", ".join(f"{a:.1%}" for a in seal) + f" (mean {np.mean(seal):.1%}); "
                      "Seal / text oracle " + ", ".join(f"{x:.1%}" for x in ratios) + f" (mean {np.mean(ratios):.1%})")
     print("\n".join(lines))

@@ -521,3 +521,11 @@ def test_bench_lm_draws_summary():
     assert "| 0 | 0 | 94% | 750 | 10 |" in table.splitlines()[2]  # sorted by draw
     assert "| 1 | 1000 | 50% | 500 | 9 |" in table  # reached the bar at step 500, fell under it by the end
     assert table.endswith("few-shot learners (check at the end >= 62.5%): 1 of 2")
+    # with --seal: each draw's Seal as a share of its oracle, and the mean over the learners only
+    for r, (oracle, seal) in zip(results, [(0.5, 0.45), (0.8, 0.6)]):
+        r["seal"] = {f"{row}, {name}": acc for row, acc in (("text oracle", oracle), ("Seal (KL)", seal))
+                     for name in ("arbitrary", "natural")}
+    table = summarize(results, cfg)
+    assert "| 0 | 0 | 94% | 750 | 10 | 80.0% | 60.0% | 75.0% | 80.0% | 60.0% | 75.0% |" in table.splitlines()[2]
+    assert "| 1 | 1000 | 50% | 500 | 9 | 50.0% | 45.0% | 90.0% |" in table
+    assert "Seal / text oracle at k = 5, arbitrary labels, over the learners: mean 75.0%, min 75.0%, max 75.0%" in table
