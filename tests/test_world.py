@@ -400,6 +400,9 @@ def test_stamp_mismatch_says_why(tmp_path, monkeypatch):
     why = train.stamp_mismatch(hubert, cfg, "hubert")
     assert why.startswith("built from a corpus with sha256 ") and f"the cache's {corpus} has " in why
     assert not train.stamp_matches(hubert, cfg, "hubert")
+    (hubert / train.STAMP_NAME).write_text(json.dumps(cfg.stamp("hubert")))  # an older version's stamp: no digests
+    assert train.stamp_mismatch(hubert, cfg, "hubert").startswith(f"no digest of its corpus recorded, the cache's "
+                                                                  f"{corpus} has ")
 
 
 def test_lm_stage_warns_when_no_draw_learns_in_context(tmp_path, monkeypatch, capsys):
