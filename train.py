@@ -934,12 +934,13 @@ def stamp_mismatch(out: Path, cfg: WorldConfig, stage: str) -> str:
     wanted_inputs, stamp_inputs = wanted.pop("inputs", {}), stamp.pop("inputs", {})
     reasons = [f"{key} {stamp.get(key, 'unset')} in {stamp_file}, {wanted.get(key, 'unset')} in this WorldConfig"
                for key in sorted(stamp.keys() | wanted.keys()) if stamp.get(key) != wanted.get(key)]
-    for name, digest in wanted_inputs.items():
-        built_from = stamp_inputs.get(name)
+    for name in sorted(stamp_inputs.keys() | wanted_inputs.keys()):
+        built_from, digest = stamp_inputs.get(name), wanted_inputs.get(name)
         if built_from != digest:
             reasons.append((f"built from a {name} with sha256 {built_from[:12]}..." if built_from else
-                            f"no digest of its {name} recorded") + f", the cache's {cfg.artifact(name)} has "
-                           f"{digest[:12]}...")
+                            f"no digest of its {name} recorded") +
+                           (f", the cache's {cfg.artifact(name)} has {digest[:12]}..." if digest else
+                            f", which this stage does not read"))
     return "; ".join(reasons)
 
 

@@ -403,6 +403,11 @@ def test_stamp_mismatch_says_why(tmp_path, monkeypatch):
     (hubert / train.STAMP_NAME).write_text(json.dumps(cfg.stamp("hubert")))  # an older version's stamp: no digests
     assert train.stamp_mismatch(hubert, cfg, "hubert").startswith(f"no digest of its corpus recorded, the cache's "
                                                                   f"{corpus} has ")
+    lm = cfg.artifact("lm")  # a stage stamped with an upstream digest it does not read is no match either
+    lm.mkdir()
+    (lm / train.STAMP_NAME).write_text(json.dumps({**cfg.stamp("lm"), "inputs": {"corpus": "ab" * 32}}))
+    assert train.stamp_mismatch(lm, cfg, "lm") == "built from a corpus with sha256 abababababab..., which this stage " \
+                                                  "does not read"
 
 
 def test_lm_stage_warns_when_no_draw_learns_in_context(tmp_path, monkeypatch, capsys):
